@@ -1,0 +1,1 @@
+"""Small helpers shared by every stage: atomic file writes, cache keys, devices, seeds."""
