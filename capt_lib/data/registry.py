@@ -1,0 +1,64 @@
+"""Datasets by name, split into the train/val/test roles every notebook uses.
+
+``fashion_mnist`` is the offline default. Its downstream task keeps MiniCLIP's
+pretraining images out of every split: MiniCLIP pretrains on Fashion-MNIST training
+images 0..49,999, so the downstream "train" pool is images 50,000..57,999, "val" is
+58,000..59,999 and "test" is the official 10,000-image test set. All three are rendered
+in ``capt_lib.data.styles.DOWNSTREAM_STYLE``, a style the captions never named during
+pretraining, which leaves the headroom that web-pretrained CLIP has on a new benchmark.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from capt_lib.data.dataset import ClassificationDataset
+from capt_lib.data.fashion_mnist import load_fashion_mnist
+
+PRETRAIN_RANGE = (0, 50_000)  # Fashion-MNIST train images MiniCLIP may pretrain on
+DOWNSTREAM_RANGES = {"train": (50_000, 58_000), "val": (58_000, 60_000)}
+DATASETS = ("fashion_mnist",)
+
+
+def load_dataset(
+    name: str,
+    split: str,
+    root: str | os.PathLike | None = None,
+    style: str | None = None,
+    download: bool = False,
+) -> ClassificationDataset:
+    """Load split ``"train"``, ``"val"`` or ``"test"`` of dataset ``name``.
+
+    For ``fashion_mnist``, ``style`` defaults to the downstream style; pass ``"plain"``
+    for the original images.
+    """
+    if name != "fashion_mnist":
+        raise ValueError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split={split!r} is invalid; choose 'train', 'val' or 'test'")
+
+    from capt_lib.data.styles import DOWNSTREAM_STYLE, stylize
+
+    if split == "test":
+        dataset = load_fashion_mnist("test", root, download)
+    else:
+        full = load_fashion_mnist("train", root, download)
+        start, stop = DOWNSTREAM_RANGES[split]
+        dataset = full.subset(np.arange(start, stop))
+        dataset = _rename_split(dataset, split)
+
+    return stylize(dataset, style or DOWNSTREAM_STYLE)
+
+
+def load_pretraining_images(root: str | os.PathLike | None = None, download: bool = False) -> ClassificationDataset:
+    """Return the Fashion-MNIST training images MiniCLIP pretrains on (images 0..49,999)."""
+    full = load_fashion_mnist("train", root, download)
+    return full.subset(np.arange(*PRETRAIN_RANGE))
+
+
+def _rename_split(dataset: ClassificationDataset, split: str) -> ClassificationDataset:
+    import dataclasses
+
+    return dataclasses.replace(dataset, split=split)

@@ -1,0 +1,1 @@
+"""capt_lib.runs stage."""

@@ -1,0 +1,252 @@
+"""Stage 2 of CAPT: train the CAPT modules on cached frozen-backbone outputs.
+
+Stage 1 (the Confusion Bank) is built by the caller and handed to ``CAPTModel``.
+Training reads only the training split and the bank; model selection uses the
+validation split, never the test split. A checkpoint is written atomically after every
+epoch, and ``train_capt`` resumes from it, reproducing the numbers of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from capt_lib.modules.capt_model import CAPTModel
+from capt_lib.modules.mgde import load_balancing_loss
+from capt_lib.training.losses import capt_loss
+from capt_lib.utils.io import atomic_write
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "last.pt"
+
+
+@dataclass(frozen=True)
+class CAPTTrainConfig:
+    """Optimisation settings of stage 2."""
+
+    epochs: int = 30  # passes over the few-shot training split
+    batch_size: int = 32  # images per step
+    lr: float = 2e-3  # AdamW learning rate, cosine-decayed to zero
+    weight_decay: float = 1e-4  # AdamW weight decay
+    lam: float = 1.0  # lambda, the weight of L_confuse in L = L_ori + lambda * L_confuse
+    temperature: float = 0.07  # temperature of the symmetric InfoNCE in L_confuse
+    load_balance: float = 0.01  # weight of MGDE's load-balancing loss
+    seed: int = 1  # seed of the batch order and of SAM's random mode
+
+
+@dataclass
+class SplitTensors:
+    """Cached frozen-backbone outputs of one split, row-aligned."""
+
+    features: torch.Tensor  # (N, E) L2-normalised frozen image features
+    labels: torch.Tensor  # (N,) int64 true labels
+    sample_ids: torch.Tensor  # (N,) int64 source indices; bank rows name the same ids
+    tokens: torch.Tensor | None = None  # (N, 1 + HW, W) last-block tokens (after-last-block placement)
+    images: torch.Tensor | None = None  # (N, 3, H, W) preprocessed images (in-block placement)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, rows: torch.Tensor, device: torch.device) -> dict:
+        """Select ``rows`` and move them to ``device`` as keyword arguments of ``CAPTModel``."""
+        batch = {"base_features": self.features[rows].to(device)}
+        if self.tokens is not None:
+            batch["tokens"] = self.tokens[rows].to(device)
+        if self.images is not None:
+            batch["images"] = self.images[rows].to(device)
+        return batch
+
+
+@dataclass
+class CAPTTrainResult:
+    history: list[dict]  # one row per epoch: losses, train and val accuracy
+    best_epoch: int  # epoch (1-based) whose weights the model holds now
+    best_val_accuracy: float  # validation accuracy of that epoch, percent
+
+
+def train_capt(
+    model: CAPTModel,
+    train: SplitTensors,
+    val: SplitTensors,
+    config: CAPTTrainConfig = CAPTTrainConfig(),
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
+    stop_after_epoch: int | None = None,
+) -> CAPTTrainResult:
+    """Train the CAPT modules of ``model`` and load the weights of the best validation epoch.
+
+    With ``checkpoint_dir``, an existing checkpoint there is resumed, and a new one is
+    written after every epoch. ``stop_after_epoch`` ends the run early, leaving the
+    checkpoint behind, as a killed run would (used by the resume test).
+    """
+    device = model.logit_scale.device
+    parameters = model.trainable_parameters()
+    if not parameters:
+        raise ValueError("the CAPT model has no trainable parameters; enable the adapter, MGDE or both")
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
+
+    state = {"epoch": 0, "history": [], "best_epoch": 0, "best_val_accuracy": -1.0, "best_weights": None}
+    checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
+    if checkpoint is not None and checkpoint.is_file():
+        state = _load_checkpoint(checkpoint, model, optimizer, scheduler, config)
+        logger.info("resuming CAPT training from %s after epoch %d", checkpoint, state["epoch"])
+
+    progress = tqdm(range(state["epoch"], config.epochs), desc="CAPT epochs", leave=False)
+    for epoch in progress:
+        row = _train_one_epoch(model, train, optimizer, scheduler, config, epoch, device)
+        row["val_accuracy"] = evaluate_accuracy(model, val, device)
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        if row["val_accuracy"] > state["best_val_accuracy"]:
+            state["best_val_accuracy"] = row["val_accuracy"]
+            state["best_epoch"] = epoch + 1
+            state["best_weights"] = _trainable_state(model)
+        progress.set_postfix(loss=f"{row['loss']:.3f}", val=f"{row['val_accuracy']:.1f}")
+
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, model, optimizer, scheduler, config, state)
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            break
+
+    if state["best_weights"] is not None:
+        model.load_state_dict(state["best_weights"], strict=False)
+    return CAPTTrainResult(state["history"], state["best_epoch"], state["best_val_accuracy"])
+
+
+def _train_one_epoch(model, train, optimizer, scheduler, config, epoch, device) -> dict:
+    model.train()
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+    sam_generator = torch.Generator().manual_seed(config.seed * 100_019 + epoch)
+    totals = {"loss": 0.0, "L_ori": 0.0, "L_confuse": 0.0, "correct": 0}
+
+    for start in range(0, len(train), config.batch_size):
+        rows = order[start : start + config.batch_size]
+        labels = train.labels[rows].to(device)
+        output = model(**train.batch(rows, device))
+
+        confuse_features, confuse_labels = _confusion_set(model, train, rows, output, sam_generator, device)
+        loss, parts = capt_loss(
+            output.logits, labels, confuse_features, confuse_labels, model.class_text_features, config.lam, config.temperature
+        )
+        if output.router_probs is not None and config.load_balance > 0:
+            loss = loss + config.load_balance * load_balancing_loss(output.router_probs, output.expert_mask)
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+        totals["loss"] += loss.item() * len(rows)
+        totals["L_ori"] += parts["L_ori"].item() * len(rows)
+        totals["L_confuse"] += parts["L_confuse"].item() * len(rows)
+        totals["correct"] += (output.logits.argmax(dim=1) == labels).sum().item()
+
+    n = len(train)
+    return {
+        "epoch": epoch + 1,
+        "loss": totals["loss"] / n,
+        "L_ori": totals["L_ori"] / n,
+        "L_confuse": totals["L_confuse"] / n,
+        "train_accuracy": 100.0 * totals["correct"] / n,
+    }
+
+
+def _confusion_set(model, train, rows, output, generator, device):
+    """Features and labels of the batch plus the confusing images SAM retrieves for it."""
+    features, labels = output.features, train.labels[rows].to(device)
+    if model.sam is None:
+        return features, labels
+
+    retrieved = model.sam.retrieve(
+        train.features[rows].to(device),
+        output.pseudo_labels,
+        output.pair_classes,
+        query_sample_ids=train.sample_ids[rows].to(device),
+        generator=generator,
+    )  # (B, k) bank rows, -1 where a pair has no confused image
+    bank_rows = retrieved[retrieved >= 0].unique()
+    if len(bank_rows) == 0:
+        return features, labels
+
+    # Bank rows are rows of the training split: the bank is built over it in the same order.
+    train_rows = _rows_of_sample_ids(train.sample_ids, model.sam.sample_ids[bank_rows].cpu())
+    confusing = model(**train.batch(train_rows, device))
+    features = torch.cat([features, confusing.features])  # (B + R, E)
+    labels = torch.cat([labels, train.labels[train_rows].to(device)])  # (B + R,)
+    return features, labels
+
+
+def _rows_of_sample_ids(all_ids: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    order = torch.argsort(all_ids)
+    positions = torch.searchsorted(all_ids[order], wanted)
+    positions = positions.clamp(max=len(all_ids) - 1)
+    rows = order[positions]
+    if not torch.equal(all_ids[rows], wanted):
+        raise ValueError("the Confusion Bank names images that are not in the training split; rebuild the bank")
+    return rows
+
+
+@torch.no_grad()
+def predict_logits(model: CAPTModel, split: SplitTensors, device: torch.device | None = None, batch_size: int = 512) -> torch.Tensor:
+    """Final logits (N, C) for a whole split, in batches, in eval mode."""
+    device = device or model.logit_scale.device
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for start in range(0, len(split), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(split)))
+        chunks.append(model(**split.batch(rows, device)).logits.cpu())
+    model.train(was_training)
+    return torch.cat(chunks)
+
+
+def evaluate_accuracy(model: CAPTModel, split: SplitTensors, device: torch.device | None = None) -> float:
+    logits = predict_logits(model, split, device)
+    return 100.0 * (logits.argmax(dim=1) == split.labels).float().mean().item()
+
+
+def _trainable_state(model: CAPTModel) -> dict[str, torch.Tensor]:
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {name: value.detach().clone() for name, value in model.state_dict().items() if name in names}
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, config, state) -> None:
+    payload = {
+        "config": asdict(config),
+        "model_config": asdict(model.config),
+        "model": _trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": state["epoch"],
+        "history": state["history"],
+        "best_epoch": state["best_epoch"],
+        "best_val_accuracy": state["best_val_accuracy"],
+        "best_weights": state["best_weights"],
+    }
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler, config) -> dict:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file; torch raises several types
+        raise RuntimeError(f"cannot read the CAPT checkpoint {path}: {e}; delete it to start over") from e
+    for key, current in (("config", asdict(config)), ("model_config", asdict(model.config))):
+        if payload[key] != current:
+            raise ValueError(
+                f"the checkpoint {path} was written with other settings ({key}={payload[key]}); "
+                f"current settings are {current}. Use another checkpoint folder or delete it"
+            )
+    model.load_state_dict(payload["model"], strict=False)
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    return {key: payload[key] for key in ("epoch", "history", "best_epoch", "best_val_accuracy", "best_weights")}
