@@ -36,7 +36,10 @@ class Backbone:
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[-1])
+        projection = self.model.text_projection
+        if isinstance(projection, torch.nn.Linear):
+            return int(projection.out_features)
+        return int(projection.shape[-1])
 
     @torch.no_grad()
     def encode_text(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
