@@ -31,7 +31,7 @@ from open_clip.transformer import VisionTransformer
 from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from capt_lib.backbones.base import Backbone
 from capt_lib.data.dataset import ClassificationDataset

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from capt_lib.prompts.semantic import PairPrompts
 

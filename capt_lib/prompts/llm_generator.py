@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from capt_lib.prompts.semantic import PairPrompts, TokenBudget, check_sentences, resolve_token_budget
 from capt_lib.utils.io import atomic_write_json, read_json

@@ -7,7 +7,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from capt_lib.backbones.base import Backbone
 from capt_lib.prompts.templates import fill_templates, validate_templates

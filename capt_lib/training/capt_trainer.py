@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from capt_lib.modules.capt_model import CAPTModel
 from capt_lib.modules.mgde import load_balancing_loss

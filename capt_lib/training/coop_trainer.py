@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from capt_lib.backbones.base import Backbone
 from capt_lib.prompts.coop import CLASS_TOKEN_POSITIONS, CoOpModel, PromptLearner
