@@ -1,5 +1,8 @@
 """Datasets by name, split into the train/val/test roles every notebook uses.
 
+``fashion_mnist`` is built in; every dataset with a manifest in ``data_manifests/``
+(ImageNet, Caltech101, ...) is read from its CoOp-format folder under ``root``.
+
 ``fashion_mnist`` is the offline default. Its downstream task keeps MiniCLIP's
 pretraining images out of every split: MiniCLIP pretrains on Fashion-MNIST training
 images 0..49,999, so the downstream "train" pool is images 50,000..57,999, "val" is
@@ -34,10 +37,10 @@ def load_dataset(
     For ``fashion_mnist``, ``style`` defaults to the downstream style; pass ``"plain"``
     for the original images.
     """
-    if name != "fashion_mnist":
-        raise ValueError(f"unknown dataset {name!r}; available: {list(DATASETS)}")
     if split not in ("train", "val", "test"):
         raise ValueError(f"split={split!r} is invalid; choose 'train', 'val' or 'test'")
+    if name != "fashion_mnist":
+        return _load_benchmark(name, split, root)
 
     from capt_lib.data.styles import DOWNSTREAM_STYLE, stylize
 
@@ -50,6 +53,21 @@ def load_dataset(
         dataset = _rename_split(dataset, split)
 
     return stylize(dataset, style or DOWNSTREAM_STYLE)
+
+
+def _load_benchmark(name: str, split: str, root: str | os.PathLike | None) -> ClassificationDataset:
+    """A CoOp-format benchmark; ``root`` is the folder that holds the dataset folders."""
+    from capt_lib.data.manifest import list_datasets
+
+    known = list_datasets()
+    if name not in known:
+        raise ValueError(f"unknown dataset {name!r}; available: {list(DATASETS) + known}")
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs data_root: the folder that contains its CoOp-format folder")
+
+    from capt_lib.data.coop_datasets import load_coop_dataset
+
+    return load_coop_dataset(name, root, split)
 
 
 def load_pretraining_images(root: str | os.PathLike | None = None, download: bool = False) -> ClassificationDataset:

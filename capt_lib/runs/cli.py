@@ -4,6 +4,8 @@
     capt pretrain [--recipe default] [--seed 0]
     capt book [--runs-dir runs] [--no-execute]
     capt kernel
+    capt data check NAME... --root DIR [--fast]
+    capt data prepare NAME --root DIR [--allow-download]
 
 Exit codes: 0 on success, 1 when a notebook, the pretraining or the book build fails,
 2 for invalid arguments or settings, such as an undeclared parameter or a missing file.
@@ -86,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     book.add_argument("--kernel", default=None, help="Jupyter kernel name (default: capt)")
     book.add_argument("--force", action="store_true", help="rerun the book's notebooks even when they are up to date")
     book.set_defaults(handler=_book_command)
+
+    from capt_lib.data.check import add_data_parser
+
+    add_data_parser(subcommands)
 
     kernel = subcommands.add_parser("kernel", help="register this environment as the Jupyter kernel 'capt'")
     kernel.set_defaults(handler=_kernel_command)
