@@ -130,12 +130,21 @@ def _train_one_epoch(model, train, optimizer, scheduler, config, epoch, device) 
 
     for start in range(0, len(train), config.batch_size):
         rows = order[start : start + config.batch_size]
-        labels = train.labels[rows].to(device)
-        output = model(**train.batch(rows, device))
+        batch_size = len(rows)
+        confusing_rows = _retrieve_confusing_rows(model, train, rows, sam_generator, device)
 
-        confuse_features, confuse_labels = _confusion_set(model, train, rows, output, sam_generator, device)
+        # One forward pass over the batch and its retrieved confusing images.
+        all_rows = torch.cat([rows, confusing_rows])  # (B + R,)
+        labels = train.labels[all_rows].to(device)  # (B + R,)
+        output = model(**train.batch(all_rows, device))
         loss, parts = capt_loss(
-            output.logits, labels, confuse_features, confuse_labels, model.class_text_features, config.lam, config.temperature
+            output.logits[:batch_size],
+            labels[:batch_size],
+            output.features,
+            labels,
+            model.class_text_features,
+            config.lam,
+            config.temperature,
         )
         if output.router_probs is not None and config.load_balance > 0:
             loss = loss + config.load_balance * load_balancing_loss(output.router_probs, output.expert_mask)
@@ -145,10 +154,10 @@ def _train_one_epoch(model, train, optimizer, scheduler, config, epoch, device) 
         optimizer.step()
         scheduler.step()
 
-        totals["loss"] += loss.item() * len(rows)
-        totals["L_ori"] += parts["L_ori"].item() * len(rows)
-        totals["L_confuse"] += parts["L_confuse"].item() * len(rows)
-        totals["correct"] += (output.logits.argmax(dim=1) == labels).sum().item()
+        totals["loss"] += loss.item() * batch_size
+        totals["L_ori"] += parts["L_ori"].item() * batch_size
+        totals["L_confuse"] += parts["L_confuse"].item() * batch_size
+        totals["correct"] += (output.logits[:batch_size].argmax(dim=1) == labels[:batch_size]).sum().item()
 
     n = len(train)
     return {
@@ -160,29 +169,31 @@ def _train_one_epoch(model, train, optimizer, scheduler, config, epoch, device) 
     }
 
 
-def _confusion_set(model, train, rows, output, generator, device):
-    """Features and labels of the batch plus the confusing images SAM retrieves for it."""
-    features, labels = output.features, train.labels[rows].to(device)
-    if model.sam is None:
-        return features, labels
+def _retrieve_confusing_rows(model, train, rows, generator, device) -> torch.Tensor:
+    """Training-split rows of the confusing images SAM retrieves for a batch (R,), maybe empty.
 
+    SEM needs only the frozen features, so the pairs are mined before the forward pass
+    and the retrieved images join the batch in a single pass.
+    """
+    if model.sam is None:
+        return rows.new_zeros(0)
+
+    base_features = train.features[rows].to(device)
+    with torch.no_grad():
+        mined = model.sem(model.base_probabilities(base_features))
     retrieved = model.sam.retrieve(
-        train.features[rows].to(device),
-        output.pseudo_labels,
-        output.pair_classes,
+        base_features,
+        mined.pseudo_labels,
+        mined.pair_classes,
         query_sample_ids=train.sample_ids[rows].to(device),
         generator=generator,
     )  # (B, k) bank rows, -1 where a pair has no confused image
     bank_rows = retrieved[retrieved >= 0].unique()
     if len(bank_rows) == 0:
-        return features, labels
+        return rows.new_zeros(0)
 
-    # Bank rows are rows of the training split: the bank is built over it in the same order.
-    train_rows = _rows_of_sample_ids(train.sample_ids, model.sam.sample_ids[bank_rows].cpu())
-    confusing = model(**train.batch(train_rows, device))
-    features = torch.cat([features, confusing.features])  # (B + R, E)
-    labels = torch.cat([labels, train.labels[train_rows].to(device)])  # (B + R,)
-    return features, labels
+    # The bank is built over the training split, so its sample ids name training rows.
+    return _rows_of_sample_ids(train.sample_ids, model.sam.sample_ids[bank_rows].cpu())
 
 
 def _rows_of_sample_ids(all_ids: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
