@@ -272,7 +272,10 @@ def test_capt_kernel_listed_in_environment():
 
     assert "capt" in kernelspecs
     assert Path(kernelspecs["capt"]["resource_dir"]).is_relative_to(Path(sys.prefix))
-    assert kernelspecs["capt"]["spec"]["argv"][0] == sys.executable
+    # The kernel must start this environment's interpreter (python or python3 in its bin folder).
+    kernel_python = Path(kernelspecs["capt"]["spec"]["argv"][0])
+    assert kernel_python.parent == Path(sys.executable).parent
+    assert kernel_python.resolve() == Path(sys.executable).resolve()
 
 
 SANITIZE_CASES = [

@@ -4,6 +4,7 @@
     capt pretrain [--recipe default] [--seed 0]
     capt book [--runs-dir runs] [--no-execute]
     capt kernel
+    capt sweep NOTEBOOK... --dataset D... --seed S... [--backend local|slurm] [--max-parallel N]
     capt data check NAME... --root DIR [--fast]
     capt data prepare NAME --root DIR [--allow-download]
 
@@ -90,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     book.set_defaults(handler=_book_command)
 
     from capt_lib.data.check import add_data_parser
+    from capt_lib.runs.sweep import add_sweep_parser
 
     add_data_parser(subcommands)
+    add_sweep_parser(subcommands)
 
     kernel = subcommands.add_parser("kernel", help="register this environment as the Jupyter kernel 'capt'")
     kernel.set_defaults(handler=_kernel_command)

@@ -220,7 +220,7 @@ def run_notebook(
     output_notebook = output_dir / f"{notebook.stem}.ipynb"
 
     declared = declared_parameters(notebook)
-    parameters = _with_output_dir(output_dir, dict(parameters or {}), declared)
+    parameters = with_output_dir(output_dir, dict(parameters or {}), declared)
     _check_declared(notebook, parameters, declared)
     kernel_python = _kernel_python(kernel_name)
 
@@ -228,13 +228,13 @@ def run_notebook(
     library_sha256 = library_source_sha256()
     previous = read_run_record(output_dir)
     if previous is not None and not force:
-        reason = _rerun_reason(previous, parameters, kernel_name, notebook_sha256, library_sha256, output_notebook)
+        reason = rerun_reason(previous, parameters, kernel_name, notebook_sha256, library_sha256, output_notebook)
         if reason is None:
             logger.info("skipping %s: %s already finished ok at %s (force=True reruns it)", notebook, output_dir, previous.finished_at)
             return dataclasses.replace(previous, reused=True)
         logger.info("rerunning %s into %s because %s", notebook, output_dir, reason)
 
-    git_revision, git_dirty = _git_state(notebook.resolve().parent)
+    git_revision, git_dirty = git_state(notebook.resolve().parent)
     record = RunRecord(
         notebook=str(notebook),
         output_dir=str(output_dir),
@@ -360,7 +360,7 @@ def _read_notebook(path: Path) -> nbformat.NotebookNode:
         raise RuntimeError(f"could not read notebook {path}: {e}") from e
 
 
-def _with_output_dir(
+def with_output_dir(
     output_dir: Path, parameters: dict[str, Any], declared: Mapping[str, NotebookParameter]
 ) -> dict[str, Any]:
     """Add ``output_dir`` (absolute) when the notebook declares it and the caller did not set it."""
@@ -447,7 +447,7 @@ def _source_cell_index(notebook: Path, executed_index: int) -> int:
     return executed_index - 1 if executed_index > parameters_index else executed_index
 
 
-def _rerun_reason(
+def rerun_reason(
     previous: RunRecord,
     parameters: dict[str, Any],
     kernel_name: str,
@@ -490,7 +490,7 @@ def _utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _git_state(directory: Path) -> tuple[str | None, bool | None]:
+def git_state(directory: Path) -> tuple[str | None, bool | None]:
     """Return (commit, has uncommitted changes) of the checkout that contains ``directory``."""
     try:
         revision = subprocess.run(

@@ -1,6 +1,6 @@
 """Protocol, method and SLURM presets, written once as YAML under ``configs/presets/`` and validated on load.
 
-Each preset is one file ``configs/presets/<name>.yaml`` whose ``kind`` says what it describes:
+Each preset is one file ``configs/presets/<name>.yaml`` of one of three kinds:
 
 - ``protocol``: the datasets trained on, the datasets evaluated without training
   (``targets``), the seeds and shot counts, which classes are trained and tested, and
@@ -35,7 +35,7 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
-# NOTE: a non-editable install does not contain configs/; set CAPT_PRESETS_DIR or pass presets_dir.
+# NOTE: a non-editable install does not contain configs/, so set CAPT_PRESETS_DIR or pass directory=.
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "presets"
 PRESETS_DIR_ENV = "CAPT_PRESETS_DIR"
 
@@ -76,7 +76,7 @@ SLURM_HEADER_FIELDS = {"kind": str, "name": str, "description": str}
 
 @dataclass(frozen=True)
 class BankSettings:
-    """How the Confusion Bank of a CAPT run is built."""
+    """Settings of the Confusion Bank that a CAPT run builds."""
 
     base_model: str = "zero_shot"  # model whose mistakes fill the bank: "zero_shot" CLIP or "coop" (CoOp-tuned prompts)
 
@@ -184,7 +184,7 @@ def resolve_run_settings(
     Raises NotImplementedError for a method preset marked ``implemented: false`` (unless
     ``allow_not_implemented``), and ValueError for unknown keys or invalid values.
     """
-    from capt_lib.runs.papermill_runner import _git_state  # one git probe shared with the run records
+    from capt_lib.runs.papermill_runner import git_state  # one git probe shared with the run records
 
     protocol_preset = _load_kind(protocol, "protocol", directory)
     method_preset = _load_kind(method, "method", directory)
@@ -213,7 +213,7 @@ def resolve_run_settings(
     _deep_update(sections, nested_overrides)
 
     completed = _complete_sections(sections, method_preset["trainer"], seed, method_file)
-    git_revision, git_dirty = _git_state(Path(__file__).resolve().parent)
+    git_revision, git_dirty = git_state(Path(__file__).resolve().parent)
     overridden = set(_dotted_keys(nested_overrides))
     return {
         "protocol": protocol,
@@ -251,7 +251,7 @@ def trainer_sections(trainer: str) -> dict[str, type]:
 
         return {"backbone": BackboneConfig, "train": CoOpConfig}
     if trainer == "promptsrc":
-        # NOTE: PromptSRCSettings stands in for the config of a deep-prompt learner that capt lacks.
+        # NOTE: PromptSRCSettings replaces the config of a deep-prompt learner, which capt lacks.
         return {"backbone": BackboneConfig, "train": PromptSRCSettings}
     raise ValueError(f"trainer={trainer!r} is invalid; choose one of {list(TRAINERS)}")
 

@@ -33,13 +33,13 @@ POLL_SECONDS = {"slurm": 30.0, "local": 1.0, "debug": 0.0}  # how often job stat
 class SlurmSettings:
     """Resources requested for each task of a sweep on SLURM."""
 
-    partition: str | None = None  # SLURM partition (sbatch --partition); None keeps the cluster's default
+    partition: str | None = None  # SLURM partition (sbatch --partition), or None for the cluster's default
     gpus_per_task: int = 1  # GPUs per task, each task being a single-node job
     cpus_per_task: int = 8  # CPU cores per task
     mem_gb: int = 64  # memory per task in GiB
     time_min: int = 240  # wall-clock limit per task in minutes
     array_parallelism: int = 16  # array tasks that may run at the same time
-    account: str | None = None  # SLURM account (sbatch --account); None keeps the user's default
+    account: str | None = None  # SLURM account (sbatch --account), or None for the user's default
 
     def __post_init__(self):
         for name in ("cpus_per_task", "mem_gb", "time_min", "array_parallelism"):
@@ -52,7 +52,7 @@ class SlurmSettings:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What one array element runs."""
+    """Command, working directory and log file of one array element."""
 
     task_id: str  # the sweep task, e.g. "01_capt/fashion_mnist/seed1"
     command: tuple[str, ...]  # argv of the subprocess
@@ -118,7 +118,7 @@ def wait_for_jobs(jobs: Sequence, cluster: str) -> Iterator[tuple[int, int | Non
     """Yield (index, exit code, error) for each job as it ends.
 
     The exit code is None when the job itself failed (timed out, killed, cancelled),
-    and the error then says why.
+    and the error then gives the reason.
     """
     from submitit.core.utils import FailedJobError, UncompletedJobError
     from submitit.helpers import as_completed
