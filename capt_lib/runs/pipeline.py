@@ -289,12 +289,13 @@ def run_capt(
     common_novel, diff_novel = encode_prompts_for(backbone, prompts, task.novel_classnames)
 
     torch.manual_seed(train_config.seed)
-    model = CAPTModel(backbone, base_output["base_text"], bank, common_base, diff_base, capt_config)
+    model = CAPTModel(backbone, base_output["base_text"], bank, common_base, diff_base, capt_config).to(backbone.device)
     result = train_capt(model, task.train, task.val, train_config, checkpoint_dir=checkpoint_dir)
     trained_state = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
     torch.manual_seed(train_config.seed)
     novel_model = CAPTModel(backbone, base_output["novel_text"], None, common_novel, diff_novel, capt_config)
+    novel_model = novel_model.to(backbone.device)
     novel_model.load_state_dict(trained_state, strict=False)
 
     base_logits = predict_logits(model, task.test_base)

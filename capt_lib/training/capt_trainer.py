@@ -4,6 +4,10 @@ Stage 1 (the Confusion Bank) is built by the caller and handed to ``CAPTModel``.
 Training reads only the training split and the bank; model selection uses the
 validation split, never the test split. A checkpoint is written atomically after every
 epoch, and ``train_capt`` resumes from it, reproducing the numbers of an uninterrupted run.
+
+Under torchrun (see ``capt_lib.training.distributed``) every rank runs its share of each
+batch and DistributedDataParallel averages the gradients. ``batch_size`` stays the global
+batch, so the schedule and the steps per epoch do not depend on the number of ranks.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from tqdm import tqdm
 
 from capt_lib.modules.capt_model import CAPTModel
 from capt_lib.modules.mgde import load_balancing_loss
+from capt_lib.training import distributed
 from capt_lib.training.losses import capt_loss
+from capt_lib.utils.device import PRECISIONS, autocast, resolve_precision
 from capt_lib.utils.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -32,13 +38,20 @@ class CAPTTrainConfig:
     """Optimisation settings of stage 2."""
 
     epochs: int = 30  # passes over the few-shot training split
-    batch_size: int = 32  # images per step
+    batch_size: int = 32  # images per step, summed over all ranks in a distributed run
     lr: float = 2e-3  # AdamW learning rate, cosine-decayed to zero
     weight_decay: float = 1e-4  # AdamW weight decay
     lam: float = 1.0  # lambda, the weight of L_confuse in L = L_ori + lambda * L_confuse
     temperature: float = 0.07  # temperature of the symmetric InfoNCE in L_confuse
     load_balance: float = 0.01  # weight of MGDE's load-balancing loss
     seed: int = 1  # seed of the batch order and of SAM's random mode
+    precision: str = "fp32"  # autocast dtype of training steps: "fp32", "bf16" or "fp16" (fp32 on a CPU)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"CAPTTrainConfig.precision={self.precision!r} is invalid. Choose one of {sorted(PRECISIONS)}."
+            )
 
 
 @dataclass
@@ -84,25 +97,35 @@ def train_capt(
 
     With ``checkpoint_dir``, an existing checkpoint there is resumed, and a new one is
     written after every epoch. ``stop_after_epoch`` ends the run early, leaving the
-    checkpoint behind, as a killed run would (used by the resume test).
+    checkpoint behind, as a killed run would (used by the resume test). In a distributed
+    run every rank reads the checkpoint, so ``checkpoint_dir`` must be on a file system
+    that all ranks see, and only rank 0 writes it.
     """
     device = model.logit_scale.device
+    precision = resolve_precision(config.precision, device)
+    dist_info = distributed.current_dist_info(device)
     parameters = model.trainable_parameters()
     if not parameters:
         raise ValueError("the CAPT model has no trainable parameters; enable the adapter, MGDE or both")
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
+    # Loss scaling keeps small fp16 gradients from flushing to zero. A disabled scaler passes everything through.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     state = {"epoch": 0, "history": [], "best_epoch": 0, "best_val_accuracy": -1.0, "best_weights": None}
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
     if checkpoint is not None and checkpoint.is_file():
-        state = _load_checkpoint(checkpoint, model, optimizer, scheduler, config)
+        state = _load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, config)
         logger.info("resuming CAPT training from %s after epoch %d", checkpoint, state["epoch"])
+    forward_model = distributed.wrap_model(model, dist_info)  # ``model`` itself for one process
 
-    progress = tqdm(range(state["epoch"], config.epochs), desc="CAPT epochs", leave=False)
+    step = _Step(forward_model, optimizer, scheduler, scaler, precision, dist_info)
+
+    epochs = range(state["epoch"], config.epochs)
+    progress = tqdm(epochs, desc="CAPT epochs", leave=False, disable=not dist_info.is_main)
     for epoch in progress:
-        row = _train_one_epoch(model, train, optimizer, scheduler, config, epoch, device)
+        row = _train_one_epoch(model, step, train, config, epoch, device)
         row["val_accuracy"] = evaluate_accuracy(model, val, device)
         state["history"].append(row)
         state["epoch"] = epoch + 1
@@ -112,8 +135,9 @@ def train_capt(
             state["best_weights"] = _trainable_state(model)
         progress.set_postfix(loss=f"{row['loss']:.3f}", val=f"{row['val_accuracy']:.1f}")
 
-        if checkpoint is not None:
-            _save_checkpoint(checkpoint, model, optimizer, scheduler, config, state)
+        if checkpoint is not None and dist_info.is_main:
+            _save_checkpoint(checkpoint, model, optimizer, scheduler, scaler, config, state)
+        distributed.barrier(dist_info)  # no rank runs ahead of a checkpoint that is still being written
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
 
@@ -122,43 +146,64 @@ def train_capt(
     return CAPTTrainResult(state["history"], state["best_epoch"], state["best_val_accuracy"])
 
 
-def _train_one_epoch(model, train, optimizer, scheduler, config, epoch, device) -> dict:
+@dataclass
+class _Step:
+    """What one optimisation step needs besides the data."""
+
+    forward_model: torch.nn.Module  # the CAPT model, wrapped in DDP in a distributed run
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler  # loss scaler, enabled for fp16 only
+    precision: str  # resolved autocast precision
+    dist_info: distributed.DistInfo  # this process's rank and the world size
+
+
+def _train_one_epoch(model, step: _Step, train, config, epoch, device) -> dict:
     model.train()
+    # Every rank draws the same order, then runs its own part of each global batch.
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
     sam_generator = torch.Generator().manual_seed(config.seed * 100_019 + epoch)
     totals = {"loss": 0.0, "L_ori": 0.0, "L_confuse": 0.0, "correct": 0}
 
     for start in range(0, len(train), config.batch_size):
-        rows = order[start : start + config.batch_size]
+        shard = distributed.shard_batch(order[start : start + config.batch_size], step.dist_info)
+        rows = shard.rows
         batch_size = len(rows)
         confusing_rows = _retrieve_confusing_rows(model, train, rows, sam_generator, device)
 
         # One forward pass over the batch and its retrieved confusing images.
         all_rows = torch.cat([rows, confusing_rows])  # (B + R,)
         labels = train.labels[all_rows].to(device)  # (B + R,)
-        output = model(**train.batch(all_rows, device))
-        loss, parts = capt_loss(
-            output.logits[:batch_size],
-            labels[:batch_size],
-            output.features,
-            labels,
-            model.class_text_features,
-            config.lam,
-            config.temperature,
-        )
-        if output.router_probs is not None and config.load_balance > 0:
-            loss = loss + config.load_balance * load_balancing_loss(output.router_probs, output.expert_mask)
+        with autocast(device, step.precision):
+            output = step.forward_model(**train.batch(all_rows, device))
+            loss, parts = capt_loss(
+                output.logits[:batch_size],
+                labels[:batch_size],
+                output.features,
+                labels,
+                model.class_text_features,
+                config.lam,
+                config.temperature,
+            )
+            if output.router_probs is not None and config.load_balance > 0:
+                loss = loss + config.load_balance * load_balancing_loss(output.router_probs, output.expert_mask)
 
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        # NOTE: L_confuse and the load-balancing loss of a distributed run cover each rank's rows
+        # only, so only L_ori reproduces a single-process run exactly.
+        step.optimizer.zero_grad(set_to_none=True)
+        step.scaler.scale(loss * shard.loss_weight).backward()  # loss_weight is 1.0 for one process
+        step.scaler.step(step.optimizer)
+        step.scaler.update()
+        step.scheduler.step()
 
-        totals["loss"] += loss.item() * batch_size
-        totals["L_ori"] += parts["L_ori"].item() * batch_size
-        totals["L_confuse"] += parts["L_confuse"].item() * batch_size
-        totals["correct"] += (output.logits[:batch_size].argmax(dim=1) == labels[:batch_size]).sum().item()
+        # Metrics count this rank's own rows, so a borrowed placeholder row (num_own 0) adds nothing.
+        correct = (output.logits[:batch_size].argmax(dim=1) == labels[:batch_size]).sum().item()
+        totals["loss"] += loss.item() * shard.num_own
+        totals["L_ori"] += parts["L_ori"].item() * shard.num_own
+        totals["L_confuse"] += parts["L_confuse"].item() * shard.num_own
+        totals["correct"] += correct if shard.num_own else 0
 
+    totals = distributed.all_reduce_sums(totals, step.dist_info)
     n = len(train)
     return {
         "epoch": epoch + 1,
@@ -230,13 +275,14 @@ def _trainable_state(model: CAPTModel) -> dict[str, torch.Tensor]:
     return {name: value.detach().clone() for name, value in model.state_dict().items() if name in names}
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, config, state) -> None:
+def _save_checkpoint(path: Path, model, optimizer, scheduler, scaler, config, state) -> None:
     payload = {
         "config": asdict(config),
         "model_config": asdict(model.config),
         "model": _trainable_state(model),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),  # empty unless fp16 loss scaling is on
         "epoch": state["epoch"],
         "history": state["history"],
         "best_epoch": state["best_epoch"],
@@ -246,7 +292,7 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, config, state) -> 
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, config) -> dict:
+def _load_checkpoint(path: Path, model, optimizer, scheduler, scaler, config) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file; torch raises several types
@@ -260,4 +306,6 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, config) -> dict:
     model.load_state_dict(payload["model"], strict=False)
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
+    if payload.get("scaler"):
+        scaler.load_state_dict(payload["scaler"])
     return {key: payload[key] for key in ("epoch", "history", "best_epoch", "best_val_accuracy", "best_weights")}

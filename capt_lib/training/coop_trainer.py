@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from capt_lib.backbones.base import Backbone
 from capt_lib.prompts.coop import CLASS_TOKEN_POSITIONS, CoOpModel, PromptLearner
-from capt_lib.utils.device import resolve_device
+from capt_lib.utils.device import PRECISIONS, autocast, resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,11 @@ class CoOpConfig:
     warmup_epochs: int = 1  # epochs at the constant warmup_lr before the cosine schedule starts
     warmup_lr: float = 1e-5  # learning rate during warmup
     seed: int = 0  # seeds the random context initialisation and the shuffling
+    precision: str = "fp32"  # autocast dtype of training steps: "fp32", "bf16" or "fp16" (fp32 on a CPU)
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"CoOpConfig.precision={self.precision!r} is invalid; choose one of {sorted(PRECISIONS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"CoOpConfig.optimizer={self.optimizer!r} is invalid; choose one of {list(OPTIMIZERS)}")
         if self.class_token_position not in CLASS_TOKEN_POSITIONS:
@@ -117,6 +120,9 @@ def train_coop(
     )
     model = CoOpModel(backbone, prompt_learner).to(device)
     optimizer = _build_optimizer(cfg, model.trainable_parameters())
+    precision = resolve_precision(cfg.precision, device)
+    # Loss scaling keeps small fp16 gradients from flushing to zero. A disabled scaler passes everything through.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     generator = torch.Generator().manual_seed(cfg.seed)
     train_features, train_labels = train_features.to(device), train_labels.to(device)
     if has_val:
@@ -129,7 +135,9 @@ def train_coop(
         for group in optimizer.param_groups:
             group["lr"] = lr
         record = {"epoch": epoch + 1, "lr": lr}
-        record.update(_train_one_epoch(model, optimizer, train_features, train_labels, cfg.batch_size, generator))
+        record.update(
+            _train_one_epoch(model, optimizer, scaler, precision, train_features, train_labels, cfg.batch_size, generator)
+        )
 
         if has_val:
             record["val_accuracy"] = evaluate_accuracy(model, val_features, val_labels)
@@ -159,6 +167,8 @@ def evaluate_accuracy(model: CoOpModel, features: torch.Tensor, labels: torch.Te
 def _train_one_epoch(
     model: CoOpModel,
     optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    precision: str,
     features: torch.Tensor,
     labels: torch.Tensor,
     batch_size: int,
@@ -170,12 +180,14 @@ def _train_one_epoch(
 
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        logits = model.logits(features[batch])  # (B, C); the prompts are re-encoded every step
-        loss = F.cross_entropy(logits, labels[batch])
+        with autocast(features.device, precision):
+            logits = model.logits(features[batch])  # (B, C); the prompts are re-encoded every step
+            loss = F.cross_entropy(logits, labels[batch])
 
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
         total_loss += loss.item() * len(batch)
         total_correct += int((logits.argmax(dim=-1) == labels[batch]).sum())
