@@ -317,3 +317,24 @@ def test_attach_rejects_bad_blocks_and_placement():
         attach_adapters(model.visual, (1, -1), in_blocks_cfg())
     with pytest.raises(ValueError, match="placement='in_blocks'"):
         attach_adapters(model.visual, (0,), DiffMannerAdapterConfig(heads=2))
+
+
+def test_bottleneck_adapter_identity_at_init_and_trainable():
+    cfg = DiffMannerAdapterConfig(heads=2, bottleneck=8)
+    adapter = DiffMannerAdapter(width=32, grid_size=2, cfg=cfg)
+    tokens = torch.randn(3, 5, 32)
+    intensity = torch.tensor([0.2, 0.5, 1.0])
+
+    assert torch.equal(adapter(tokens, intensity), tokens)
+
+    adapter(tokens, intensity).pow(2).sum().backward()
+    # The depthwise convolution is zero, but the up-projection behind it is not, so the
+    # convolution receives a gradient at step 0 and the adapter can leave the identity.
+    assert adapter.local.weight.grad.abs().sum() > 0
+    assert adapter.down.weight.shape == (8, 32)
+    assert adapter.up.weight.shape == (32, 8)
+
+
+def test_bottleneck_must_be_divisible_by_heads():
+    with pytest.raises(ValueError, match="not divisible"):
+        DiffMannerAdapter(width=32, grid_size=2, cfg=DiffMannerAdapterConfig(heads=3, bottleneck=8))

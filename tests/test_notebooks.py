@@ -27,6 +27,18 @@ SMALL_PARAMETERS = {
         "coop_epochs": 5,
         "compare_pretrain_seed": 1,
     },
+    "10_cost": {
+        "model_name": "ViT-S-32",
+        "classes": 4,
+        "shots": 2,
+        "batch_size": 4,
+        "repeats": 1,
+        "recompute_repeats": 1,
+        "retrieval_bank_size": 500,
+        "retrieval_repeats": 2,
+        "retrieval_loop_repeats": 1,
+        "threads": 1,
+    },
 }
 
 

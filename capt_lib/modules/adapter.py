@@ -43,6 +43,7 @@ class DiffMannerAdapterConfig:
     placement: str = "after_last_block"  # "after_last_block" acts on the cached last-block tokens, "in_blocks" on hooked ViT blocks
     blocks: tuple[int, ...] = ()  # blocks whose output is adapted when placement="in_blocks", negative indices counting from the end
     class_token: str = "linear"  # "linear" adds alpha * zero-initialised Linear(X_hat[:, 0]) to the class token, "unchanged" does not
+    bottleneck: int | None = None  # channels of both branches (down- and up-projected around them); None keeps the token width
 
     def __post_init__(self):
         _check_choice("alpha_mode", self.alpha_mode, ALPHA_MODES)
@@ -52,6 +53,8 @@ class DiffMannerAdapterConfig:
             raise ValueError(f"DiffMannerAdapterConfig.heads={self.heads} must be at least 1")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"DiffMannerAdapterConfig.kernel_size={self.kernel_size} must be a positive odd number")
+        if self.bottleneck is not None and self.bottleneck < 1:
+            raise ValueError(f"DiffMannerAdapterConfig.bottleneck={self.bottleneck} must be a positive channel count or None")
         if self.gamma < 0:
             raise ValueError(f"DiffMannerAdapterConfig.gamma={self.gamma} must be non-negative")
         if self.placement == "in_blocks" and not self.blocks:
@@ -72,24 +75,34 @@ class DiffMannerAdapter(nn.Module):
     model pools only the class token there, so the patch-token updates do not reach the
     prediction.
 
+    With ``cfg.bottleneck`` set, both branches work in that many channels: a linear map
+    projects the normalised tokens down before the attention, and another projects the
+    local branch's output back up to the token width. A bottleneck makes the adapter's
+    cost small against a ViT block, which is what lets cached tokens pay off.
+
     The parameters stay in the dtype they were created in (float32 by default). Tokens of
     another dtype are cast for the computation, and the update is cast back to theirs.
     """
 
     def __init__(self, width: int, grid_size: int | tuple[int, int], cfg: DiffMannerAdapterConfig):
         super().__init__()
-        if width % cfg.heads != 0:
+        channels = cfg.bottleneck or width
+        if channels % cfg.heads != 0:
             raise ValueError(
-                f"DiffMannerAdapter: width={width} is not divisible by DiffMannerAdapterConfig.heads={cfg.heads}"
+                f"DiffMannerAdapter: {channels} branch channels (bottleneck={cfg.bottleneck}, width={width}) "
+                f"are not divisible by DiffMannerAdapterConfig.heads={cfg.heads}"
             )
         self.cfg = cfg
         self.width = width
+        self.channels = channels
         self.grid_size = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
 
         self.norm = nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, cfg.heads, batch_first=True)
-        self.local = nn.Conv2d(width, width, cfg.kernel_size, padding=cfg.kernel_size // 2, groups=width)
-        self.class_proj = nn.Linear(width, width) if cfg.class_token == "linear" else None
+        self.down = nn.Linear(width, channels) if cfg.bottleneck else nn.Identity()
+        self.attn = nn.MultiheadAttention(channels, cfg.heads, batch_first=True)
+        self.local = nn.Conv2d(channels, channels, cfg.kernel_size, padding=cfg.kernel_size // 2, groups=channels)
+        self.up = nn.Linear(channels, width, bias=False) if cfg.bottleneck else nn.Identity()
+        self.class_proj = nn.Linear(channels, width) if cfg.class_token == "linear" else None
         self.reset_residual()
 
     def reset_residual(self) -> None:
@@ -134,16 +147,16 @@ class DiffMannerAdapter(nn.Module):
         alpha = self.alpha(intensity, batch_size)  # (B,)
 
         x = tokens.to(self.local.weight.dtype)
-        h = self.norm(x)
-        x_hat, _ = self.attn(h, h, h, need_weights=False)  # (B, 1 + H*W, width)
+        h = self.down(self.norm(x))  # (B, 1 + H*W, channels)
+        x_hat, _ = self.attn(h, h, h, need_weights=False)  # (B, 1 + H*W, channels)
 
-        patches = x_hat[:, 1:].transpose(1, 2).reshape(batch_size, self.width, grid_h, grid_w)  # (B, width, H, W)
-        local = self.local(patches).flatten(2).transpose(1, 2)  # (B, H*W, width)
+        patches = x_hat[:, 1:].transpose(1, 2).reshape(batch_size, self.channels, grid_h, grid_w)  # (B, channels, H, W)
+        local = self.up(self.local(patches).flatten(2).transpose(1, 2))  # (B, H*W, width)
 
         if self.class_proj is not None:
             class_update = self.class_proj(x_hat[:, :1])  # (B, 1, width)
         else:
-            class_update = torch.zeros_like(x_hat[:, :1])  # (B, 1, width)
+            class_update = local.new_zeros(batch_size, 1, self.width)  # (B, 1, width)
         update = torch.cat([class_update, local], dim=1)  # (B, 1 + H*W, width)
 
         update = update * alpha.to(update.dtype)[:, None, None]  # alpha broadcast over tokens and channels

@@ -48,7 +48,7 @@ class CAPTConfig:
     pool_local: bool = True  # after the last block, add the mean patch-token update to the class token
     sem: SEMConfig = field(default_factory=SEMConfig)  # Semantic Confusion Miner settings
     sam: SAMConfig = field(default_factory=SAMConfig)  # Sample Confusion Miner settings (training only)
-    adapter: DiffMannerAdapterConfig = field(default_factory=lambda: DiffMannerAdapterConfig(heads=4))
+    adapter: DiffMannerAdapterConfig = field(default_factory=lambda: DiffMannerAdapterConfig(heads=4, bottleneck=64))
     mgde: MGDEConfig = field(default_factory=MGDEConfig)  # MGDE settings
 
 

@@ -123,7 +123,7 @@ def train_capt(
     step = _Step(forward_model, optimizer, scheduler, scaler, precision, dist_info)
 
     epochs = range(state["epoch"], config.epochs)
-    progress = tqdm(epochs, desc="CAPT epochs", leave=False, disable=not dist_info.is_main)
+    progress = tqdm(epochs, desc="CAPT epochs", leave=False, disable=None if dist_info.is_main else True)
     for epoch in progress:
         row = _train_one_epoch(model, step, train, config, epoch, device)
         row["val_accuracy"] = evaluate_accuracy(model, val, device)
