@@ -27,6 +27,10 @@ SMALL_PARAMETERS = {
         "coop_epochs": 5,
         "compare_pretrain_seed": 1,
     },
+    "02_semantic_confusion_miner": {"pretrained": "smoke", "seeds": [1, 2], "epochs": 3, "ks": [1, 2]},
+    "03_sample_confusion_miner": {"pretrained": "smoke", "seeds": [1, 2], "epochs": 3, "in_blocks": [-1]},
+    "04_mgde": {"pretrained": "smoke", "seeds": [1, 2], "epochs": 3, "centres": [2]},
+    "05_capt_vs_baselines": {"pretrained": "smoke", "seeds": [1, 2], "epochs": 3, "coop_epochs": 3},
     "10_cost": {
         "model_name": "ViT-S-32",
         "classes": 4,

@@ -290,19 +290,21 @@ def run_capt(
 
     torch.manual_seed(train_config.seed)
     model = CAPTModel(backbone, base_output["base_text"], bank, common_base, diff_base, capt_config).to(backbone.device)
-    result = train_capt(model, task.train, task.val, train_config, checkpoint_dir=checkpoint_dir)
+    try:
+        result = train_capt(model, task.train, task.val, train_config, checkpoint_dir=checkpoint_dir)
+        base_logits = predict_logits(model, task.test_base)
+    finally:
+        _detach_hooks(model)  # in-block adapters hook the shared ViT; the novel model adds its own
     trained_state = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
     torch.manual_seed(train_config.seed)
     novel_model = CAPTModel(backbone, base_output["novel_text"], None, common_novel, diff_novel, capt_config)
     novel_model = novel_model.to(backbone.device)
-    novel_model.load_state_dict(trained_state, strict=False)
-
-    base_logits = predict_logits(model, task.test_base)
-    novel_logits = predict_logits(novel_model, task.test_novel)
-    for capt_model in (model, novel_model):
-        if capt_model.adapter_hooks is not None:
-            capt_model.adapter_hooks.remove()
+    try:
+        novel_model.load_state_dict(trained_state, strict=False)
+        novel_logits = predict_logits(novel_model, task.test_novel)
+    finally:
+        _detach_hooks(novel_model)
 
     base = accuracy(base_logits, task.test_base.labels)
     novel = accuracy(novel_logits, task.test_novel.labels)
@@ -315,6 +317,11 @@ def run_capt(
         "base_logits": base_logits,
         "novel_logits": novel_logits,
     }
+
+
+def _detach_hooks(model: CAPTModel) -> None:
+    if model.adapter_hooks is not None:
+        model.adapter_hooks.remove()
 
 
 def pair_metrics(backbone: Backbone, task: FewShotTask, bank: ConfusionBank, base_output: dict, tuned_logits) -> dict:
