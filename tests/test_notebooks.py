@@ -31,6 +31,20 @@ SMALL_PARAMETERS = {
     "03_sample_confusion_miner": {"pretrained": "smoke", "seeds": [1, 2], "epochs": 3, "in_blocks": [-1]},
     "04_mgde": {"pretrained": "smoke", "seeds": [1, 2], "epochs": 3, "centres": [2]},
     "05_capt_vs_baselines": {"pretrained": "smoke", "seeds": [1, 2], "epochs": 3, "coop_epochs": 3},
+    "06_base_to_novel": {"pretrained": "smoke", "epochs": 2, "coop_epochs": 5},
+    "07_cross_dataset": {
+        "pretrained": "smoke",
+        "epochs": 2,
+        "coop_epochs": 5,
+        "targets": ["fashion_mnist_plain", "fashion_mnist_noisy"],
+    },
+    "08_domain_generalization": {
+        "pretrained": "smoke",
+        "epochs": 2,
+        "coop_epochs": 5,
+        "targets": ["fashion_mnist_blur", "fashion_mnist_upside_down"],
+    },
+    "09_few_shot": {"pretrained": "smoke", "epochs": 2, "coop_epochs": 5, "shots": 2},
     "10_cost": {
         "model_name": "ViT-S-32",
         "classes": 4,

@@ -9,6 +9,13 @@ images 0..49,999, so the downstream "train" pool is images 50,000..57,999, "val"
 58,000..59,999 and "test" is the official 10,000-image test set. All three are rendered
 in ``capt_lib.data.styles.DOWNSTREAM_STYLE``, a style the captions never named during
 pretraining, which leaves the headroom that web-pretrained CLIP has on a new benchmark.
+
+``fashion_mnist_<style>`` (for every style in ``capt_lib.data.styles.STYLES``, such as
+``fashion_mnist_plain`` or ``fashion_mnist_upside_down``) names the same three splits
+rendered in that style instead. These names are the offline targets of the transfer
+protocols: a model trained on ``fashion_mnist`` is tested on the same classes in another
+style, as an ImageNet model is tested on ImageNet-Sketch. ``fashion_mnist_negative``
+has the same images as ``fashion_mnist``, because "negative" is the downstream style.
 """
 
 from __future__ import annotations
@@ -19,10 +26,13 @@ import numpy as np
 
 from capt_lib.data.dataset import ClassificationDataset
 from capt_lib.data.fashion_mnist import load_fashion_mnist
+from capt_lib.data.styles import STYLES
 
 PRETRAIN_RANGE = (0, 50_000)  # Fashion-MNIST train images MiniCLIP may pretrain on
 DOWNSTREAM_RANGES = {"train": (50_000, 58_000), "val": (58_000, 60_000)}
-DATASETS = ("fashion_mnist",)
+# Dataset name -> image style of the Fashion-MNIST downstream splits under that name.
+FASHION_MNIST_STYLE_DATASETS = {f"fashion_mnist_{style}": style for style in STYLES}
+DATASETS = ("fashion_mnist", *FASHION_MNIST_STYLE_DATASETS)
 
 
 def load_dataset(
@@ -35,10 +45,19 @@ def load_dataset(
     """Load split ``"train"``, ``"val"`` or ``"test"`` of dataset ``name``.
 
     For ``fashion_mnist``, ``style`` defaults to the downstream style; pass ``"plain"``
-    for the original images.
+    for the original images. A ``fashion_mnist_<style>`` name fixes the style, so
+    ``style`` must then be None or that same style.
     """
     if split not in ("train", "val", "test"):
         raise ValueError(f"split={split!r} is invalid; choose 'train', 'val' or 'test'")
+    if name in FASHION_MNIST_STYLE_DATASETS:
+        named_style = FASHION_MNIST_STYLE_DATASETS[name]
+        if style is not None and style != named_style:
+            raise ValueError(
+                f"dataset {name!r} is Fashion-MNIST in the {named_style!r} style, but style={style!r} was passed; "
+                f"pass style=None, or load 'fashion_mnist' with style={style!r}"
+            )
+        name, style = "fashion_mnist", named_style
     if name != "fashion_mnist":
         return _load_benchmark(name, split, root)
 
