@@ -204,7 +204,7 @@ def test_in_block_hooks_removed_after_error(setup, monkeypatch):
     def failing_train(*args, **kwargs):
         raise RuntimeError("training failed")
 
-    monkeypatch.setattr(ablation, "train_capt", failing_train)
+    monkeypatch.setattr(pipeline, "train_capt", failing_train)
     with pytest.raises(RuntimeError, match="training failed"):
         ablation.run_capt_variant(backbone, with_images, bank, output, prompts, IN_BLOCKS, QUICK)
     assert hooks_on(backbone) == 0

@@ -36,13 +36,13 @@ from capt_lib.confusion.sample_miner import SAMConfig, SampleConfusionMiner
 from capt_lib.confusion.semantic_miner import confusion_intensity, confusion_scores, count_shares, top_confusion_classes
 from capt_lib.data.dataset import ClassificationDataset
 from capt_lib.data.registry import load_dataset
-from capt_lib.evaluation.metrics import accuracy, harmonic_mean
+from capt_lib.evaluation.metrics import harmonic_mean
 from capt_lib.modules.capt_model import CAPTConfig, CAPTModel
 from capt_lib.modules.mgde import route_top_k
 from capt_lib.prompts.semantic import PairPrompts, load_builtin_prompts
 from capt_lib.runs import pipeline
 from capt_lib.runs.pipeline import FewShotTask
-from capt_lib.training.capt_trainer import CAPTTrainConfig, SplitTensors, predict_logits, train_capt
+from capt_lib.training.capt_trainer import CAPTTrainConfig, SplitTensors
 from capt_lib.training.coop_trainer import CoOpConfig
 from capt_lib.utils.io import atomic_write, atomic_write_json
 
@@ -190,51 +190,16 @@ def run_capt_variant(
 ) -> dict:
     """Train CAPT on the base split and evaluate it on base and novel classes.
 
-    The steps, seeds and metrics are those of ``pipeline.run_capt``, so both give the same
-    numbers for the after-last-block adapter. This version removes a model's adapter
-    hooks from the shared backbone before the next model is built, and also when a step
-    raises, which is what adapters inside the ViT blocks need. With ``keep_models`` the
+    This is ``pipeline.run_capt`` after a check that the task carries the preprocessed
+    images an in-block adapter needs (see ``task_with_images``). With ``keep_models`` the
     result contains the trained base-class and novel-class models under ``"model"`` and
     ``"novel_model"``. In-block adapters are detached from the ViT by then, so those
     models can no longer classify images.
     """
-    # NOTE: pipeline.run_capt builds the novel model while the base model's hooks are still
-    # attached, so with in-block adapters both sets of hooks run and the novel ones raise.
     _check_images(capt_config, task)
-    common_base, diff_base = pipeline.encode_prompts_for(backbone, prompts, task.base_classnames)
-    common_novel, diff_novel = pipeline.encode_prompts_for(backbone, prompts, task.novel_classnames)
-
-    torch.manual_seed(train_config.seed)
-    model = CAPTModel(backbone, base_output["base_text"], bank, common_base, diff_base, capt_config)
-    try:
-        result = train_capt(model, task.train, task.val, train_config)
-        base_logits = predict_logits(model, task.test_base)
-    finally:
-        _remove_hooks(model)
-    trained_state = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-    torch.manual_seed(train_config.seed)
-    novel_model = CAPTModel(backbone, base_output["novel_text"], None, common_novel, diff_novel, capt_config)
-    novel_model.load_state_dict(trained_state, strict=False)
-    try:
-        novel_logits = predict_logits(novel_model, task.test_novel)
-    finally:
-        _remove_hooks(novel_model)
-
-    base = accuracy(base_logits, task.test_base.labels)
-    novel = accuracy(novel_logits, task.test_novel.labels)
-    metrics = {"base_accuracy": base, "novel_accuracy": novel, "hm": harmonic_mean(base, novel)}
-    metrics.update(pipeline.pair_metrics(backbone, task, bank, base_output, base_logits))
-    output = {
-        "metrics": metrics,
-        "history": result.history,
-        "best_epoch": result.best_epoch,
-        "base_logits": base_logits,
-        "novel_logits": novel_logits,
-    }
-    if keep_models:
-        output.update(model=model, novel_model=novel_model)
-    return output
+    return pipeline.run_capt(
+        backbone, task, bank, base_output, prompts, capt_config, train_config, keep_models=keep_models
+    )
 
 
 def _check_images(config: CAPTConfig, task: FewShotTask) -> None:
@@ -246,11 +211,6 @@ def _check_images(config: CAPTConfig, task: FewShotTask) -> None:
             f"the in-block adapter runs the backbone on images, but the task's {lacking} split(s) have none; "
             "add them with capt_lib.runs.ablation.task_with_images"
         )
-
-
-def _remove_hooks(model: CAPTModel) -> None:
-    if model.adapter_hooks is not None:
-        model.adapter_hooks.remove()
 
 
 @dataclass

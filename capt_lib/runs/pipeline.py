@@ -277,13 +277,16 @@ def run_capt(
     train_config: CAPTTrainConfig = CAPTTrainConfig(),
     *,
     checkpoint_dir: str | os.PathLike | None = None,
+    keep_models: bool = False,
 ) -> dict:
     """Stage 2: train CAPT on the base split, then evaluate on base and novel classes.
 
     ``base_output`` is the base model's result (``run_zero_shot`` or ``run_coop``): its
     class text features feed SEM and the final classifier. The novel model shares every
     trained weight; its SEM has no bank counts (the bank records base classes only) and
-    SAM is never used at test time.
+    SAM is never used at test time. With ``keep_models`` the result also holds the trained
+    base-class and novel-class models under ``"model"`` and ``"novel_model"``; in-block
+    adapters are detached from the ViT by then, so those two can no longer classify images.
     """
     common_base, diff_base = encode_prompts_for(backbone, prompts, task.base_classnames)
     common_novel, diff_novel = encode_prompts_for(backbone, prompts, task.novel_classnames)
@@ -310,13 +313,16 @@ def run_capt(
     novel = accuracy(novel_logits, task.test_novel.labels)
     metrics = {"base_accuracy": base, "novel_accuracy": novel, "hm": harmonic_mean(base, novel)}
     metrics.update(pair_metrics(backbone, task, bank, base_output, base_logits))
-    return {
+    output = {
         "metrics": metrics,
         "history": result.history,
         "best_epoch": result.best_epoch,
         "base_logits": base_logits,
         "novel_logits": novel_logits,
     }
+    if keep_models:
+        output.update(model=model, novel_model=novel_model)
+    return output
 
 
 def _detach_hooks(model: CAPTModel) -> None:
