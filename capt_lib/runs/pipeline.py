@@ -6,9 +6,9 @@ metrics as floats in percent, predictions as tensors.
 
 Protocol (base-to-novel, as in the CoOp family): few-shot images are sampled per class
 from the training split over all classes, then the first ceil(n/2) classes are base and
-the rest novel, each half relabelled from 0. Training and the Confusion Bank use the
-base few-shot split only; validation uses min(shots, 4) images per base class from the
-validation split; base and novel accuracy come from the test split.
+the rest novel, each half relabelled from 0. Training and the Confusion Bank use the base
+few-shot split only. Validation uses min(shots, 4) images per base class from the
+validation split, and base and novel accuracy come from the test split.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def load_backbone_by_name(
     """Load a backbone from notebook-style settings.
 
     For ``backbone="MiniCLIP"``, ``pretrained`` names the MiniCLIP recipe and
-    ``pretrain_seed`` its pretraining seed; otherwise ``pretrained`` is an open_clip tag
-    such as ``"openai"`` and ``checkpoint`` an optional local weights file.
+    ``pretrain_seed`` its pretraining seed. For other backbones ``pretrained`` is an
+    open_clip tag such as ``"openai"``, and ``checkpoint`` an optional local weights file.
     """
     cache = None if cache_dir is None else str(cache_dir)
     if backbone == "MiniCLIP":
@@ -133,7 +133,7 @@ def _split_tensors(feature_set, labels=None) -> SplitTensors:
 
 
 def _rows_of(full: SplitTensors, subset: ClassificationDataset) -> SplitTensors:
-    """Rows of ``full`` (the whole test split) holding ``subset``'s images, with its labels."""
+    """Select the rows of ``full`` (the whole test split) that contain ``subset``'s images, with its labels."""
     ids = full.sample_ids.numpy()
     order = np.argsort(ids)
     rows = torch.from_numpy(order[np.searchsorted(ids[order], subset.indices)])
@@ -181,6 +181,8 @@ def run_zero_shot(backbone: Backbone, task: FewShotTask, templates) -> dict:
 
 def coop_text_features(backbone: Backbone, trained: CoOpModel, classnames, config: CoOpConfig) -> torch.Tensor:
     """Text features of ``classnames`` under a trained CoOp context (shared ctx transfers to new classes)."""
+    if config.csc:
+        raise ValueError("class-specific context (csc=True) cannot transfer to other classes; use csc=False")
     learner = PromptLearner(
         backbone,
         tuple(classnames),
@@ -190,8 +192,6 @@ def coop_text_features(backbone: Backbone, trained: CoOpModel, classnames, confi
         csc=config.csc,
         seed=config.seed,
     )
-    if config.csc:
-        raise ValueError("class-specific context (csc=True) cannot transfer to other classes; use csc=False")
     with torch.no_grad():
         learner.ctx.copy_(trained.prompt_learner.ctx)
         return CoOpModel(backbone, learner).to(backbone.device).text_features()
