@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
+from capt_lib.data.styles import DOWNSTREAM_STYLE
 from capt_lib.backbones.loading import save_random_checkpoint
 from capt_lib.data.fakes import make_fake_dataset
 from capt_lib.data.registry import load_dataset
@@ -124,11 +125,12 @@ def test_style_dataset_names():
     upside_down = load_dataset("fashion_mnist_upside_down", "test")
     negative = load_dataset("fashion_mnist_negative", "test")
     default = load_dataset("fashion_mnist", "test")
+    in_downstream_style = load_dataset(f"fashion_mnist_{DOWNSTREAM_STYLE}", "test")
 
     assert np.array_equal(named.images, plain.images)
     assert np.array_equal(upside_down.images, plain.images[:, ::-1])
     assert np.array_equal(negative.images, 255 - plain.images)
-    assert np.array_equal(default.images, negative.images)
+    assert np.array_equal(default.images, in_downstream_style.images)
     assert np.array_equal(named.labels, default.labels)
     with pytest.raises(ValueError, match="'plain' style"):
         load_dataset("fashion_mnist_plain", "test", style="blur")
