@@ -42,7 +42,7 @@ SMALL_PARAMETERS = {
         "pretrained": "smoke",
         "epochs": 2,
         "coop_epochs": 5,
-        "targets": ["fashion_mnist_blur", "fashion_mnist_upside_down"],
+        "targets": ["fashion_mnist_blur", "fashion_mnist_negative"],
     },
     "09_few_shot": {"pretrained": "smoke", "epochs": 2, "coop_epochs": 5, "shots": 2},
     "10_cost": {

@@ -7,15 +7,16 @@
 pretraining images out of every split: MiniCLIP pretrains on Fashion-MNIST training
 images 0..49,999, so the downstream "train" pool is images 50,000..57,999, "val" is
 58,000..59,999 and "test" is the official 10,000-image test set. All three are rendered
-in ``capt_lib.data.styles.DOWNSTREAM_STYLE``, a style the captions never named during
-pretraining, which leaves the headroom that web-pretrained CLIP has on a new benchmark.
+in ``capt_lib.data.styles.DOWNSTREAM_STYLE``, a style that the plain prompt does not
+name, which leaves headroom for prompt tuning as a new benchmark does for web-pretrained
+CLIP.
 
 ``fashion_mnist_<style>`` (for every style in ``capt_lib.data.styles.STYLES``, such as
 ``fashion_mnist_plain`` or ``fashion_mnist_upside_down``) names the same three splits
 rendered in that style instead. These names are the offline targets of the transfer
 protocols: a model trained on ``fashion_mnist`` is tested on the same classes in another
-style, as an ImageNet model is tested on ImageNet-Sketch. ``fashion_mnist_negative``
-has the same images as ``fashion_mnist``, because "negative" is the downstream style.
+style, as an ImageNet model is tested on ImageNet-Sketch. The name of the downstream
+style itself (``fashion_mnist_upside_down``) has the same images as ``fashion_mnist``.
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ from capt_lib.backbones.loading import MINICLIP_NAME, BackboneConfig, load_backb
 from capt_lib.confusion.bank import ConfusionBank, build_confusion_bank, load_or_build_bank
 from capt_lib.data.dataset import ClassificationDataset
 from capt_lib.data.fewshot import sample_few_shot
+from capt_lib.data.styles import DOWNSTREAM_STYLE, STYLES
 from capt_lib.data.manifest import load_manifest
 from capt_lib.data.registry import FASHION_MNIST_STYLE_DATASETS, load_dataset
 from capt_lib.evaluation.metrics import accuracy, pair_resolution
@@ -102,9 +103,9 @@ METHOD_TITLES = {"zero_shot": "zero-shot CLIP", "coop": "CoOp", "capt": "CAPT"}
 FASHION_MNIST_DATASETS = ("fashion_mnist", *FASHION_MNIST_STYLE_DATASETS)
 
 # The offline transfer targets: the Fashion-MNIST test split in every style except the
-# downstream one. MiniCLIP's pretraining shows "plain", "blur" and "upside_down" images
-# and never "noisy" ones (capt_lib.backbones.miniclip.MiniCLIPRecipe.styles).
-OFFLINE_TARGETS = ("fashion_mnist_plain", "fashion_mnist_blur", "fashion_mnist_upside_down", "fashion_mnist_noisy")
+# downstream one. MiniCLIP's pretraining shows "plain", "negative", "blur" and
+# "upside_down" images and never "noisy" ones (MiniCLIPRecipe.styles).
+OFFLINE_TARGETS = tuple(f"fashion_mnist_{style}" for style in STYLES if style != DOWNSTREAM_STYLE)
 PAPER_TRANSFER = {  # protocol -> (dataset trained on, targets) of CAPT's evaluation
     "cross_dataset": (CROSS_DATASET_SOURCE, CROSS_DATASET_TARGETS),
     "domain_generalization": (CROSS_DATASET_SOURCE, DOMAIN_GENERALIZATION_TARGETS),
