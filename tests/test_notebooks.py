@@ -3,8 +3,8 @@ second execution reproduces the stored outputs.
 
 The small parameter sets use MiniCLIP's "smoke" recipe (pretrained in seconds, numbers
 meaningless) so the whole file runs in a few minutes on a CPU. Progress bars are
-switched off with TQDM_DISABLE, because their number of updates depends on timing;
-other varying outputs (times, paths, addresses) are rewritten by
+switched off with TQDM_DISABLE, because their number of updates depends on timing.
+Other varying outputs (times, paths, addresses) are rewritten by
 tests/nbval_sanitize.cfg before the comparison.
 """
 

@@ -344,7 +344,7 @@ def test_current_run_joins_the_finished_ones(tmp_path):
 
 
 def test_current_run_averages_with_stored_runs(tmp_path):
-    """Settings in memory hold tuples where results.json holds lists; both must count as equal."""
+    """Settings in memory contain tuples where results.json contains lists, and both must count as equal."""
     runs_dir = tmp_path / "runs"
     stem = "06_base_to_novel"
     settings = {seed: {**synthetic_settings("fashion_mnist", seed), "model": {"adapter": {"blocks": (-1,)}}} for seed in (1, 2, 3)}

@@ -1,4 +1,4 @@
-"""The frozen CLIP backbone as every later stage sees it."""
+"""The frozen CLIP backbone in the form every later stage uses."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class Backbone:
     key: str  # content key of the weights; part of every cache key built on this backbone
     image_size: int  # input side in pixels
     context_length: int  # text context length, equal to the tokenizer's
-    random_weights: bool = False  # True when the weights are random; results must say so
+    random_weights: bool = False  # True when the weights are random, so results must be labelled as such
     info: dict = field(default_factory=dict)  # provenance: config, checkpoint hash, recipe, metrics
 
     @property
@@ -50,7 +50,7 @@ class Backbone:
     def visual_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Run the ViT up to and including its last block: (B, 1 + grid*grid, width).
 
-        Together with ``visual_head`` this is exactly ``model.encode_image``; the split
+        Together with ``visual_head`` this is exactly ``model.encode_image``. The split
         lets a module act on the last block's tokens, which are also what the token
         cache stores.
         """

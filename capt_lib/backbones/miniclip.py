@@ -8,7 +8,7 @@ stay unseen, as a benchmark is unseen by web-scale pretraining.
 
 Each pretraining image is shown in a style drawn from the recipe (mostly "plain") and
 gets a caption that names its class and, with probability ``style_word_prob``, its
-style; some captions add garment attributes ("a blurred photo of a coat with buttons
+style. Some captions add garment attributes ("a blurred photo of a coat with buttons
 and a collar."). The downstream task uses ``capt_lib.data.styles.DOWNSTREAM_STYLE``,
 which a plain prompt such as "a photo of a coat." does not name, so zero-shot accuracy
 leaves room for prompt tuning.
@@ -77,9 +77,9 @@ class MiniCLIPRecipe:
     )
     # Probability that a non-plain image's caption names its style (else it reads as plain).
     # Plain-prompt zero-shot accuracy on upside-down images falls as this nears 1. Measured
-    # with benchmarks/miniclip_recipe.py and notebook 01 (2 epochs, pretraining seeds 0 and 1): 0.9 gave
-    # 76 % zero-shot and a 16-shot base probe gain of 1 point (seed 0); 0.95 gave 73 % and 72 %
-    # with gains of 4.5 and 7.7 points; 1.0 gave 65 % and 50 %.
+    # with benchmarks/miniclip_recipe.py and notebook 01 (2 epochs, pretraining seeds 0 and 1):
+    # 0.9 gave 76 % zero-shot and a 16-shot base probe gain of 1 point (seed 0). 0.95 gave
+    # 73 % and 72 % with gains of 4.5 and 7.7 points. 1.0 gave 65 % and 50 %.
     style_word_prob: float = 0.95
     attribute_caption_prob: float = 0.3  # probability that a caption adds garment attributes
     # Optimisation

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -15,8 +16,8 @@ from PIL import Image
 class ClassificationDataset:
     """A labelled image set with its class names, ordered by label.
 
-    Exactly one of ``images`` and ``paths`` is set. ``images`` holds small in-memory
-    data such as Fashion-MNIST; ``paths`` holds image files such as the CoOp-format
+    Exactly one of ``images`` and ``paths`` is set. ``images`` contains small in-memory
+    data such as Fashion-MNIST, and ``paths`` lists image files such as the CoOp-format
     benchmarks. ``indices`` maps each item back to its position in the source split,
     so few-shot subsets and confusion banks can name the exact images they contain.
     """
@@ -70,6 +71,12 @@ class ClassificationDataset:
 
     def fingerprint(self) -> dict:
         """Describe the exact content cheaply, for cache keys: name, split, classes and items."""
+        if self.images is not None:
+            source = "memory"
+        elif self.paths:
+            source = os.path.commonpath(self.paths)
+        else:
+            source = ""
         return {
             "name": self.name,
             "split": self.split,
@@ -77,11 +84,9 @@ class ClassificationDataset:
             "n": len(self),
             "indices_sha": _array_sha(self.indices),
             "labels_sha": _array_sha(self.labels),
-            "source": "memory" if self.images is not None else os.path.commonpath(self.paths) if self.paths else "",
+            "source": source,
         }
 
 
 def _array_sha(array: np.ndarray) -> str:
-    import hashlib
-
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]

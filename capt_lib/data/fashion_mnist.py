@@ -57,7 +57,7 @@ def candidate_dirs(root: str | os.PathLike | None = None) -> list[Path]:
 
 
 def find_fashion_mnist(root: str | os.PathLike | None = None, download: bool = False) -> Path:
-    """Return a folder that holds all four Fashion-MNIST files, downloading them if allowed."""
+    """Return a folder that contains all four Fashion-MNIST files, downloading them if allowed."""
     searched = candidate_dirs(root)
     needed = [name for pair in FILES.values() for name in pair]
     for folder in searched:
@@ -100,7 +100,7 @@ def read_idx(path: Path) -> np.ndarray:
     shape = struct.unpack(f">{n_dims}I", data[4 : 4 + 4 * n_dims])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * n_dims)
     if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: header says shape {shape}, found {body.size} bytes")
+        raise ValueError(f"{path} is truncated: the header gives shape {shape} but the file has {body.size} bytes")
     return body.reshape(shape)
 
 

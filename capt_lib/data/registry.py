@@ -76,7 +76,7 @@ def load_dataset(
 
 
 def _load_benchmark(name: str, split: str, root: str | os.PathLike | None) -> ClassificationDataset:
-    """A CoOp-format benchmark; ``root`` is the folder that holds the dataset folders."""
+    """Load a CoOp-format benchmark split. ``root`` is the folder that contains the dataset folders."""
     from capt_lib.data.manifest import list_datasets
 
     known = list_datasets()

@@ -12,7 +12,7 @@ from capt_lib.evaluation.metrics import pair_overlap, rank_correlation_of_pairs,
 
 
 def top_pairs_by_run(matrices: Mapping[str, np.ndarray], k: int) -> dict[str, list[tuple[int, int, int]]]:
-    """The top-``k`` unordered confusion pairs of each run's confusion matrix."""
+    """Return the top-``k`` unordered confusion pairs of each run's confusion matrix."""
     return {name: top_confusion_pairs(cm, k, symmetric=True) for name, cm in matrices.items()}
 
 
@@ -20,7 +20,7 @@ def pair_stability_table(matrices: Mapping[str, np.ndarray], k: int = 3) -> pd.D
     """Compare every two runs: Jaccard overlap of their top-``k`` unordered pairs and the
     Spearman correlation of all off-diagonal counts (rows: run pairs).
 
-    A Jaccard of 1 means both runs have the same top-``k`` pairs; a correlation near 1
+    A Jaccard of 1 means both runs have the same top-``k`` pairs. A correlation near 1
     means the runs rank all class pairs alike, not only the top ones.
     """
     if len(matrices) < 2:

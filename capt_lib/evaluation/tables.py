@@ -293,7 +293,7 @@ def _run_row(record_path: Path, runs_dir: Path, stem: str) -> dict:
         results = read_results(results_path)
         _check_run_matches(results["settings"], row, results_path)
         row["settings"] = results["settings"]
-        row.update(_flatten_metrics(results["metrics"]))
+        row.update(flatten_metrics(results["metrics"]))
     row["shots"] = (row["settings"] or {}).get("shots", parameters.get("shots"))
     return row
 
@@ -306,10 +306,11 @@ def _check_run_matches(settings: Mapping[str, Any], row: Mapping[str, Any], path
             )
 
 
-def _flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Flatten nested metrics such as {target: accuracy} into ``name/target`` columns."""
     flat = {}
     for name, value in metrics.items():
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):
             flat.update({f"{name}{METRIC_SEPARATOR}{inner}": float(number) for inner, number in value.items()})
         else:
             flat[name] = float(value)

@@ -8,8 +8,8 @@ One forward pass for a batch of B images, with C classes, ViT width W and embedd
    counts into confusion pairs (p, i), the confusion intensity c and a semantic context
    (the mean commonality/difference prompt feature of the pairs).
 3. The Diff-Manner Adapter adapts the last-block tokens (B, 1 + HW, W) with weight
-   ``alpha = s * c**gamma``; with ``placement="in_blocks"`` it runs inside chosen ViT
-   blocks instead and the images go through the frozen backbone at every step.
+   ``alpha = s * c**gamma``. With ``placement="in_blocks"`` it runs inside chosen ViT
+   blocks instead, so the images go through the frozen backbone at every step.
 4. The class token is pooled with the visual ``ln_post``; MGDE adds its routed expert
    residual in width space, routing on the pooled token and the semantic context.
 5. The result is projected with the visual ``proj``, L2-normalised and scored against
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CAPTConfig:
-    """Which CAPT modules run, and their settings."""
+    """Settings of the CAPT model: the modules that run and the configuration of each."""
 
     use_adapter: bool = True  # run the Diff-Manner Adapter
     use_mgde: bool = True  # run MGDE

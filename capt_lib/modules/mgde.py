@@ -148,7 +148,7 @@ class MGDE(nn.Module):
     The module is float32 and lives on ``semantic_features``' device, or on ``clip_mlp``'s
     when there are no semantic experts. Move it with ``.to()`` as usual.
 
-    NOTE: K-means holds all M semantic features in memory. Prompts for every ordered class
+    NOTE: K-means keeps all M semantic features in memory. Prompts for every ordered class
     pair give M = 2 * C^2 rows (two million for ImageNet), so large label sets should pass
     the features of the mined confusion pairs or a subsample.
     """

@@ -3,8 +3,8 @@
 This generator is optional: the rest of capt runs on prompt files alone. For each
 ordered class pair (a, b) it sends one chat completion request that prompts the model
 to reason step by step about the visible attributes of both classes and to end with
-a JSON object ``{"commonality": [...], "difference": [...]}``, where the difference
-sentences say how a differs from b. The last JSON object of the reply is the answer.
+a JSON object ``{"commonality": [...], "difference": [...]}``. The difference sentences
+describe how a differs from b, and the last JSON object of the reply is taken as the result.
 
 Every answer is written to a JSON cache file as soon as it arrives, and a cached pair
 is never requested again, so a finished cache reproduces the prompts without the
@@ -246,8 +246,8 @@ def generate_pair_prompts(
     """Return commonality and difference sentences of ordered class pairs, asking an LLM for uncached ones.
 
     ``pairs`` contains ordered (a, b) pairs of class names or label indices; None means
-    every ordered pair of ``classnames``. The returned ``difference[(a, b)]`` is the
-    answer for (a, b), and ``commonality`` of {a, b} joins the commonality sentences of
+    every ordered pair of ``classnames``. The returned ``difference[(a, b)]`` comes from the
+    reply for (a, b), and ``commonality`` of {a, b} joins the commonality sentences of
     (a, b) and (b, a), whichever of them were requested.
 
     ``base_url``, ``model`` and ``api_key`` default to the environment variables

@@ -20,7 +20,7 @@ Pair shape, defined by this project (format ``capt-pairs/1``)::
     }
 
 - ``classes`` lists every class name once, in label order.
-- ``commonality[a][b]`` holds the sentences of the unordered pair {a, b}. Each pair
+- ``commonality[a][b]`` contains the sentences of the unordered pair {a, b}. Each pair
   appears once, with ``a`` listed before ``b`` in ``classes``. The reversed nesting is
   also accepted, but a pair given in both orders is an error.
 - ``difference[a][b]`` holds sentences on how ``a`` differs from ``b``, so it is

@@ -1,4 +1,4 @@
-"""Shared steps of the ablation notebooks: CAPT variants over seeds, and what each module sees.
+"""Shared steps of the ablation notebooks: CAPT variants over seeds, and the inputs and outputs of each module.
 
 ``prepare_inputs`` builds what every CAPT run of a notebook shares: the few-shot task of
 each seed, the base model's result, its Confusion Bank and the pair prompts.

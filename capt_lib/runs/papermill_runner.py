@@ -207,7 +207,7 @@ def run_notebook(
     """Execute ``notebook`` with ``parameters`` into ``output_dir`` and write ``run.json``.
 
     A run is skipped, and its earlier record returned with ``reused=True``, when
-    ``run.json`` says it finished ok with the same parameters, kernel, notebook content and
+    ``run.json`` records that it finished ok with the same parameters, kernel, notebook content and
     library code, unless ``force`` is set. ``output_dir`` is left out of that comparison
     because the record's location already fixes it.
 

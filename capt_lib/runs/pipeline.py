@@ -38,7 +38,13 @@ from capt_lib.modules.capt_model import CAPTConfig, CAPTModel
 from capt_lib.prompts.coop import CoOpModel, PromptLearner
 from capt_lib.prompts.semantic import PairPrompts
 from capt_lib.prompts.zero_shot import build_text_classifier
-from capt_lib.training.capt_trainer import CAPTTrainConfig, SplitTensors, predict_logits, train_capt
+from capt_lib.training.capt_trainer import (
+    CAPTTrainConfig,
+    SplitTensors,
+    predict_logits,
+    rows_of_sample_ids,
+    train_capt,
+)
 from capt_lib.training.coop_trainer import CoOpConfig, train_coop
 
 logger = logging.getLogger(__name__)
@@ -134,11 +140,11 @@ def _split_tensors(feature_set, labels=None) -> SplitTensors:
 
 def _rows_of(full: SplitTensors, subset: ClassificationDataset) -> SplitTensors:
     """Select the rows of ``full`` (the whole test split) that contain ``subset``'s images, with its labels."""
-    ids = full.sample_ids.numpy()
-    order = np.argsort(ids)
-    rows = torch.from_numpy(order[np.searchsorted(ids[order], subset.indices)])
-    if not np.array_equal(ids[rows.numpy()], subset.indices):
-        raise ValueError(f"{subset.name}/{subset.split} contains images that the encoded test split lacks")
+    rows = rows_of_sample_ids(
+        full.sample_ids,
+        torch.as_tensor(subset.indices, dtype=full.sample_ids.dtype),
+        f"{subset.name}/{subset.split} contains images that the encoded test split lacks",
+    )
     return SplitTensors(
         features=full.features[rows],
         labels=torch.as_tensor(subset.labels, dtype=torch.long),
@@ -216,7 +222,10 @@ def run_coop(backbone: Backbone, task: FewShotTask, config: CoOpConfig) -> dict:
 
 
 def run_linear_probe(task: FewShotTask, seed: int = 0) -> dict:
-    """A logistic-regression probe on the base few-shot features: base accuracy only (no text, no novel)."""
+    """Fit a logistic-regression probe on the base few-shot features and return its base accuracy.
+
+    The probe uses no text, so it has no novel-class accuracy.
+    """
     probe = fit_linear_probe(task.train.features, task.train.labels, len(task.base_classnames), seed=seed)
     predictions = predict_linear_probe(probe, task.test_base.features)
     return {"metrics": {"base_accuracy": accuracy(predictions, task.test_base.labels)}}
@@ -238,22 +247,42 @@ def build_bank(
     ``base_model`` describes the base model completely (its kind and settings); it is part
     of the cache key together with the backbone and the training split.
     """
+    return build_bank_for_split(
+        backbone, task.train, task.base_classnames, base_text, base_model, task.settings, cache_dir=cache_dir
+    )
+
+
+def build_bank_for_split(
+    backbone: Backbone,
+    train: SplitTensors,
+    classnames,
+    base_text: torch.Tensor,
+    base_model: dict,
+    task_settings: dict,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+) -> ConfusionBank:
+    """Build (or load) the Confusion Bank of a training split scored by ``base_text``.
+
+    The cache key names the backbone, the base model, the training images and the task
+    settings, so a change to any of them builds a new bank.
+    """
     key_inputs = {
         "backbone": backbone.key,
         "base_model": base_model,
-        "train_sample_ids": task.train.sample_ids.tolist(),
-        "task": task.settings,
+        "train_sample_ids": train.sample_ids.tolist(),
+        "task": task_settings,
     }
 
     def build() -> ConfusionBank:
-        logits = logits_from_text(backbone, task.train.features, base_text)
+        logits = logits_from_text(backbone, train.features, base_text)
         return build_confusion_bank(
             logits,
-            task.train.labels,
-            task.train.features,
-            task.train.sample_ids,
-            task.base_classnames,
-            meta={"backbone": backbone.key, "base_model": base_model, "task": task.settings},
+            train.labels,
+            train.features,
+            train.sample_ids,
+            tuple(classnames),
+            meta={"backbone": backbone.key, "base_model": base_model, "task": task_settings},
         )
 
     return load_or_build_bank(key_inputs, build, cache_dir=cache_dir)
@@ -283,8 +312,8 @@ def run_capt(
 
     ``base_output`` is the base model's result (``run_zero_shot`` or ``run_coop``): its
     class text features feed SEM and the final classifier. The novel model shares every
-    trained weight; its SEM has no bank counts (the bank records base classes only) and
-    SAM is never used at test time. With ``keep_models`` the result also holds the trained
+    trained weight. Its SEM has no bank counts, because the bank records base classes only,
+    and SAM is never used at test time. With ``keep_models`` the result also contains the trained
     base-class and novel-class models under ``"model"`` and ``"novel_model"``; in-block
     adapters are detached from the ViT by then, so those two can no longer classify images.
     """
@@ -331,19 +360,23 @@ def _detach_hooks(model: CAPTModel) -> None:
 
 
 def pair_metrics(backbone: Backbone, task: FewShotTask, bank: ConfusionBank, base_output: dict, tuned_logits) -> dict:
-    """Pair resolution rate on base test images, over every confusion pair the bank recorded."""
-    pairs = [(a, b) for a, b, _ in bank.top_pairs(symmetric=True)]
+    """Compute the pair resolution rate on base test images, over every confusion pair the bank recorded."""
     base_logits = logits_from_text(backbone, task.test_base.features, base_output["base_text"])
+    return bank_pair_metrics(bank, base_logits, tuned_logits, task.test_base.labels)
+
+
+def bank_pair_metrics(bank: ConfusionBank, base_logits: torch.Tensor, tuned_logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Compute pair resolution of ``tuned_logits`` against ``base_logits``, over the bank's pairs in both directions."""
+    pairs = [(a, b) for a, b, _ in bank.top_pairs(symmetric=True)]
     result = pair_resolution(
-        base_logits.argmax(1).numpy(), tuned_logits.argmax(1).numpy(), task.test_base.labels.numpy(), pairs, symmetric=True
+        base_logits.argmax(1).cpu().numpy(),
+        tuned_logits.argmax(1).cpu().numpy(),
+        labels.cpu().numpy(),
+        pairs,
+        symmetric=True,
     )
-    return {
-        "pair_resolution_rate": result["pair_resolution_rate"],
-        "base_errors_in_pairs": result["base_errors_in_pairs"],
-        "resolved": result["resolved"],
-        "newly_wrong": result["newly_wrong"],
-        "newly_right": result["newly_right"],
-    }
+    keys = ("pair_resolution_rate", "base_errors_in_pairs", "resolved", "newly_wrong", "newly_right")
+    return {key: result[key] for key in keys}
 
 
 def capt_config_with(config: CAPTConfig, **changes) -> CAPTConfig:

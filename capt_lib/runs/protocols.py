@@ -50,13 +50,13 @@ from tqdm.auto import tqdm
 from capt_lib.backbones.base import Backbone
 from capt_lib.backbones.features import encode_dataset
 from capt_lib.backbones.loading import MINICLIP_NAME, BackboneConfig, load_backbone
-from capt_lib.confusion.bank import ConfusionBank, build_confusion_bank, load_or_build_bank
+from capt_lib.confusion.bank import ConfusionBank
 from capt_lib.data.dataset import ClassificationDataset
 from capt_lib.data.fewshot import sample_few_shot
-from capt_lib.data.styles import DOWNSTREAM_STYLE, STYLES
 from capt_lib.data.manifest import load_manifest
 from capt_lib.data.registry import FASHION_MNIST_STYLE_DATASETS, load_dataset
-from capt_lib.evaluation.metrics import accuracy, pair_resolution
+from capt_lib.data.styles import DOWNSTREAM_STYLE, STYLES
+from capt_lib.evaluation.metrics import accuracy
 from capt_lib.evaluation.paper_results import (
     AVERAGE,
     BASE_TO_NOVEL_DATASETS,
@@ -76,6 +76,7 @@ from capt_lib.evaluation.tables import (
     cross_dataset_table,
     domain_generalization_table,
     few_shot_table,
+    flatten_metrics,
     to_markdown,
 )
 from capt_lib.modules.capt_model import CAPTConfig, CAPTModel
@@ -566,36 +567,13 @@ def build_all_class_bank(
     *,
     cache_dir: str | os.PathLike | None = None,
 ) -> ConfusionBank:
-    """Stage 1 over every class: the base model's predictions on the few-shot training split, cached.
-
-    The cache key names the backbone, the base model, the training images and the task,
-    as ``pipeline.build_bank`` does for base-to-novel tasks.
-    """
-    key_inputs = {
-        "backbone": backbone.key,
-        "base_model": base_model,
-        "train_sample_ids": task.train.sample_ids.tolist(),
-        "task": task.settings,
-    }
-
-    def build() -> ConfusionBank:
-        logits = pipeline.logits_from_text(backbone, task.train.features, base_text)
-        return build_confusion_bank(
-            logits, task.train.labels, task.train.features, task.train.sample_ids, task.classnames,
-            meta={"backbone": backbone.key, "base_model": base_model, "task": task.settings},
-        )
-
-    return load_or_build_bank(key_inputs, build, cache_dir=cache_dir)
-
-
-def all_class_pair_metrics(bank: ConfusionBank, base_logits: torch.Tensor, tuned_logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Pair resolution on the test images, over every confusion pair the bank recorded (both directions)."""
-    pairs = [(a, b) for a, b, _ in bank.top_pairs(symmetric=True)]
-    result = pair_resolution(
-        base_logits.argmax(1).cpu().numpy(), tuned_logits.argmax(1).cpu().numpy(), labels.cpu().numpy(), pairs, symmetric=True
+    """Stage 1 over every class: the base model's predictions on the few-shot training split, cached."""
+    return pipeline.build_bank_for_split(
+        backbone, task.train, task.classnames, base_text, base_model, task.settings, cache_dir=cache_dir
     )
-    keys = ("pair_resolution_rate", "base_errors_in_pairs", "resolved", "newly_wrong", "newly_right")
-    return {key: result[key] for key in keys}
+
+
+all_class_pair_metrics = pipeline.bank_pair_metrics  # the same metric over every class of an all-class task
 
 
 def _evaluate_target(backbone: Backbone, target: str, settings, trained: dict, data_root, cache_dir) -> dict[str, float]:
@@ -718,9 +696,9 @@ def collect_protocol_runs(
     """Return every run of ``notebook`` (``tables.collect_results`` rows), this run included as finished.
 
     While a notebook runs, its run.json still records "running", so this run's row is
-    replaced by one built from ``settings`` and ``metrics``. ``runs_dir`` None is found
-    with ``find_runs_dir``; when output_dir lies outside the runs layout, the table holds
-    this run only.
+    replaced by one built from ``settings`` and ``metrics``. With ``runs_dir`` None the
+    folder comes from ``find_runs_dir``. When output_dir lies outside the runs layout, the
+    table contains this run only.
     """
     output_dir = Path(output_dir).resolve()
     dataset, seed = settings["dataset"], int(settings["seed"])
@@ -752,17 +730,6 @@ def collect_protocol_runs(
     metric_columns = sorted(set(combined.columns) - set(RUN_COLUMNS))
     combined = combined.reindex(columns=RUN_COLUMNS + metric_columns)
     return combined.sort_values(["variant", "dataset", "seed"], kind="stable", ignore_index=True)
-
-
-def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Flatten {target: accuracy} metrics into ``name/target`` columns, as ``collect_results`` does."""
-    flat = {}
-    for name, value in metrics.items():
-        if isinstance(value, Mapping):
-            flat.update({f"{name}/{inner}": float(number) for inner, number in value.items()})
-        else:
-            flat[name] = float(value)
-    return flat
 
 
 def method_runs(runs: pd.DataFrame, method: str) -> pd.DataFrame:

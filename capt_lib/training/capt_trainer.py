@@ -80,7 +80,7 @@ class SplitTensors:
 @dataclass
 class CAPTTrainResult:
     history: list[dict]  # one row per epoch: losses, train and val accuracy
-    best_epoch: int  # epoch (1-based) whose weights the model holds now
+    best_epoch: int  # epoch (1-based) whose weights the model contains now
     best_val_accuracy: float  # validation accuracy of that epoch, percent
 
 
@@ -148,7 +148,7 @@ def train_capt(
 
 @dataclass
 class _Step:
-    """What one optimisation step needs besides the data."""
+    """Objects of one optimisation step other than the data: model, optimiser, scheduler, scaler."""
 
     forward_model: torch.nn.Module  # the CAPT model, wrapped in DDP in a distributed run
     optimizer: torch.optim.Optimizer
@@ -238,16 +238,24 @@ def _retrieve_confusing_rows(model, train, rows, generator, device) -> torch.Ten
         return rows.new_zeros(0)
 
     # The bank is built over the training split, so its sample ids name training rows.
-    return _rows_of_sample_ids(train.sample_ids, model.sam.sample_ids[bank_rows].cpu())
+    return rows_of_sample_ids(
+        train.sample_ids,
+        model.sam.sample_ids[bank_rows].cpu(),
+        "the Confusion Bank names images that are not in the training split; rebuild the bank",
+    )
 
 
-def _rows_of_sample_ids(all_ids: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+def rows_of_sample_ids(all_ids: torch.Tensor, requested: torch.Tensor, missing_message: str) -> torch.Tensor:
+    """Find the row of ``all_ids`` that contains each id of ``requested``.
+
+    An id that ``all_ids`` lacks raises ValueError with ``missing_message``.
+    """
     order = torch.argsort(all_ids)
-    positions = torch.searchsorted(all_ids[order], wanted)
+    positions = torch.searchsorted(all_ids[order], requested)
     positions = positions.clamp(max=len(all_ids) - 1)
     rows = order[positions]
-    if not torch.equal(all_ids[rows], wanted):
-        raise ValueError("the Confusion Bank names images that are not in the training split; rebuild the bank")
+    if not torch.equal(all_ids[rows], requested):
+        raise ValueError(missing_message)
     return rows
 
 
