@@ -347,7 +347,7 @@ def test_validation_keeps_best_epoch(backbone, one_thread):
     # Validation labels follow the hand-written prompts, so training on the teacher's
     # labels lowers validation accuracy and an early epoch is the best one.
     val_labels = (features @ build_text_classifier(backbone, CLASSNAMES, ["a photo of a {}."]).T).argmax(dim=-1)
-    cfg = CoOpConfig(epochs=30, batch_size=8)
+    cfg = CoOpConfig(epochs=30, batch_size=8, final_model="best_val")
 
     model, history = train_coop(
         backbone, features, labels, CLASSNAMES, cfg, val_features=features, val_labels=val_labels
@@ -356,6 +356,32 @@ def test_validation_keeps_best_epoch(backbone, one_thread):
     val_accuracies = [record["val_accuracy"] for record in history]
     assert max(val_accuracies) > val_accuracies[-1]
     assert evaluate_accuracy(model, features, val_labels) == max(val_accuracies)
+
+
+def test_last_step_keeps_the_final_epoch_despite_validation(backbone, one_thread):
+    features, labels = teacher_problem(backbone)
+    val_labels = (features @ build_text_classifier(backbone, CLASSNAMES, ["a photo of a {}."]).T).argmax(dim=-1)
+    cfg = CoOpConfig(epochs=30, batch_size=8)  # final_model="last_step" by default
+
+    model, history = train_coop(
+        backbone, features, labels, CLASSNAMES, cfg, val_features=features, val_labels=val_labels
+    )
+
+    val_accuracies = [record["val_accuracy"] for record in history]
+    assert max(val_accuracies) > val_accuracies[-1]
+    assert evaluate_accuracy(model, features, val_labels) == val_accuracies[-1]
+
+
+def test_best_val_without_validation_data_is_an_error(backbone):
+    features, labels = teacher_problem(backbone, n_per_class=2)
+
+    with pytest.raises(ValueError, match="best_val"):
+        train_coop(backbone, features, labels, CLASSNAMES, CoOpConfig(epochs=2, final_model="best_val"))
+
+
+def test_unknown_final_model_is_an_error():
+    with pytest.raises(ValueError, match="final_model"):
+        CoOpConfig(final_model="best")
 
 
 def test_learning_rate_schedule():

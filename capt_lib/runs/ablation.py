@@ -85,7 +85,7 @@ def prepare_inputs(
     templates: Sequence[str],
     *,
     base_model: str = "zero_shot",
-    coop_epochs: int = 50,
+    coop_epochs: int = 200,
     with_coop: bool = False,
     data_root: str | os.PathLike | None = None,
 ) -> AblationInputs:

@@ -204,7 +204,10 @@ def coop_text_features(backbone: Backbone, trained: CoOpModel, classnames, confi
 
 
 def run_coop(backbone: Backbone, task: FewShotTask, config: CoOpConfig) -> dict:
-    """CoOp trained on the base few-shot split, selected on validation, tested on base and novel."""
+    """CoOp trained on the base few-shot split and tested on base and novel.
+
+    Validation accuracy is logged per epoch; ``config.final_model`` selects the epoch that is kept.
+    """
     model, history = train_coop(
         backbone,
         task.train.features,

@@ -22,6 +22,8 @@ from capt_lib.utils.device import PRECISIONS, autocast, resolve_device, resolve_
 logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
+# Context selection rules of train_coop, named after Dassl's TEST.FINAL_MODEL values.
+FINAL_MODELS = ("last_step", "best_val")
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class CoOpConfig:
     ctx_init: str | None = "a photo of a"  # text whose embeddings start the context; None for random
     csc: bool = False  # class-specific context (one ctx per class) instead of one shared ctx
     class_token_position: str = "end"  # where the class name sits in the prompt; only "end" is implemented
-    epochs: int = 50  # passes over the training features
+    epochs: int = 200  # passes over the training features (CoOp vit_b16.yaml, 8 and 16 shots)
     batch_size: int = 32  # image features per step
     optimizer: str = "sgd"  # "sgd" (momentum, as CoOp) or "adamw"
     lr: float = 0.002  # peak learning rate, annealed to 0 by a cosine schedule over the epochs
@@ -41,6 +43,10 @@ class CoOpConfig:
     warmup_epochs: int = 1  # epochs at the constant warmup_lr before the cosine schedule starts
     warmup_lr: float = 1e-5  # learning rate during warmup
     seed: int = 0  # seeds the random context initialisation and the shuffling
+    # "last_step" keeps the context after the last epoch (Dassl's default, which CoOp uses);
+    # "best_val" keeps the first epoch with the highest validation accuracy. A few-shot
+    # val split has few images (4 per class), so best_val tends to stop on an early epoch.
+    final_model: str = "last_step"
     precision: str = "fp32"  # autocast dtype of training steps: "fp32", "bf16" or "fp16" (fp32 on a CPU)
 
     def __post_init__(self):
@@ -48,6 +54,8 @@ class CoOpConfig:
             raise ValueError(f"CoOpConfig.precision={self.precision!r} is invalid; choose one of {sorted(PRECISIONS)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"CoOpConfig.optimizer={self.optimizer!r} is invalid; choose one of {list(OPTIMIZERS)}")
+        if self.final_model not in FINAL_MODELS:
+            raise ValueError(f"CoOpConfig.final_model={self.final_model!r} is invalid; choose one of {list(FINAL_MODELS)}")
         if self.class_token_position not in CLASS_TOKEN_POSITIONS:
             raise ValueError(
                 f"CoOpConfig.class_token_position={self.class_token_position!r} is invalid; choose one of "
@@ -88,9 +96,10 @@ def train_coop(
 ) -> tuple[CoOpModel, list[dict]]:
     """Train CoOp context on cached image features (N, E) with labels (N,) in [0, C).
 
-    Features need not be normalised, because the model normalises them. With validation
-    data, the returned model keeps the context of the first epoch with the highest
-    validation accuracy. Without it, the model has the context after the last epoch.
+    Features need not be normalised, because the model normalises them. The returned
+    model has the context after the last epoch, unless ``cfg.final_model`` is
+    "best_val": then it keeps the context of the first epoch with the highest validation
+    accuracy, which needs validation data.
     ``device`` defaults to the backbone's. A different device moves the whole backbone
     model there, which changes the caller's ``backbone`` too.
 
@@ -103,6 +112,8 @@ def train_coop(
     has_val = _check_val_given(val_features, val_labels)
     if has_val:
         val_features, val_labels = _check_split("val", val_features, val_labels, backbone, len(classnames))
+    elif cfg.final_model == "best_val":
+        raise ValueError('CoOpConfig.final_model="best_val" needs val_features and val_labels')
 
     device = backbone.device if device is None else resolve_device(device)
     if device != backbone.device:
@@ -141,7 +152,7 @@ def train_coop(
 
         if has_val:
             record["val_accuracy"] = evaluate_accuracy(model, val_features, val_labels)
-            if record["val_accuracy"] > best_accuracy:
+            if cfg.final_model == "best_val" and record["val_accuracy"] > best_accuracy:
                 best_accuracy = record["val_accuracy"]
                 best_ctx = prompt_learner.ctx.detach().clone()
         history.append(record)
