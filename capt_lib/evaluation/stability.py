@@ -55,3 +55,43 @@ def pairs_on_top_everywhere(matrices: Mapping[str, np.ndarray], k: int = 3) -> l
 def _symmetrised(cm: np.ndarray) -> np.ndarray:
     cm = np.asarray(cm)
     return cm + cm.T
+
+
+def summarize_stability(tables: Mapping[str, pd.DataFrame], k: int = 3) -> pd.DataFrame:
+    """Average each group of comparisons made by ``pair_stability_table`` (rows: groups).
+
+    ``tables`` maps a group name, such as "across few-shot seeds", to the rows of
+    ``pair_stability_table(..., k)`` that belong to it. An empty group is left out.
+    """
+    jaccard = f"top{k}_jaccard"
+    rows = []
+    for group, table in tables.items():
+        if table.empty:
+            continue
+        if jaccard not in table:
+            raise ValueError(f"the table of group {group!r} has no column {jaccard!r}; was it built with k={k}?")
+        rows.append(
+            {
+                "comparison": group,
+                "runs_compared": len(table),
+                "shared_pairs_mean": float(table["shared_pairs"].mean()),
+                f"{jaccard}_mean": float(table[jaccard].mean()),
+                "spearman_mean": float(table["spearman"].mean()),
+                "spearman_min": float(table["spearman"].min()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def describe_stability(summary: pd.DataFrame, k: int = 3) -> list[str]:
+    """Write one sentence per row of ``summarize_stability``'s table, with its numbers."""
+    sentences = []
+    for row in summary.to_dict(orient="records"):
+        runs = "one comparison" if row["runs_compared"] == 1 else f"{row['runs_compared']} comparisons"
+        sentences.append(
+            f"{row['comparison'].capitalize()} ({runs}): {row['shared_pairs_mean']:.1f} of the top {k} "
+            f"pairs are shared on average (Jaccard {row[f'top{k}_jaccard_mean']:.2f}), and the Spearman "
+            f"correlation of all pair counts is {row['spearman_mean']:.2f} on average "
+            f"(lowest {row['spearman_min']:.2f})."
+        )
+    return sentences
