@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,12 +14,11 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> P
 
     The temporary file lives in the target folder, so the final ``os.replace`` is an
     atomic rename on POSIX file systems: readers see either the old file or the new one.
+    The file gets the permissions of a plain ``open(path, "w")``: 0o666 minus the umask.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    tmp_path = Path(tmp_name)
+    tmp_path = _create_temporary_file(path)
     try:
         write_fn(tmp_path)
         os.replace(tmp_path, path)
@@ -27,6 +26,23 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> P
         if tmp_path.exists():
             tmp_path.unlink()
     return path
+
+
+def _create_temporary_file(path: Path) -> Path:
+    """Create an empty, uniquely named file beside ``path`` and return its path.
+
+    Unlike ``tempfile.mkstemp``, which always uses mode 0o600, the file is created with
+    mode 0o666 and the process umask applies, so results stay readable by the group
+    whenever a plain ``open(path, "w")`` would make them so.
+    """
+    for _ in range(100):
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"could not create a temporary file beside {path}: 100 random names were taken")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
