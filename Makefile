@@ -25,6 +25,8 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 RUNS_DIR ?= runs
 PYTEST_ARGS ?=
+# Extra options of `capt book`, e.g. BOOK_ARGS=--force to execute every notebook again.
+BOOK_ARGS ?=
 PRETRAIN_RECIPE ?= default
 PRETRAIN_SEED ?= 0
 DATASETS ?= fashion_mnist
@@ -62,7 +64,7 @@ pretrain: $(STAMP)
 
 # capt skips notebook runs that are up to date (same parameters, notebook and capt_lib).
 book: $(STAMP) $(KERNELSPEC) pretrain
-	$(CAPT) book --runs-dir $(RUNS_DIR)
+	$(CAPT) book --runs-dir $(RUNS_DIR) $(BOOK_ARGS)
 
 runs: $(STAMP) $(KERNELSPEC) pretrain
 	@test -n "$(NOTEBOOKS)" || { echo "make runs: no notebooks in notebooks/" >&2; exit 1; }

@@ -230,7 +230,12 @@ def run_notebook(
     if previous is not None and not force:
         reason = rerun_reason(previous, parameters, kernel_name, notebook_sha256, library_sha256, output_notebook)
         if reason is None:
-            logger.info("skipping %s: %s already finished ok at %s (force=True reruns it)", notebook, output_dir, previous.finished_at)
+            logger.info(
+                "skipping %s: %s already finished ok at %s; pass --force (make book BOOK_ARGS=--force) to run it again",
+                notebook,
+                output_dir,
+                previous.finished_at,
+            )
             return dataclasses.replace(previous, reused=True)
         logger.info("rerunning %s into %s because %s", notebook, output_dir, reason)
 
