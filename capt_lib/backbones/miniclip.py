@@ -78,12 +78,13 @@ class MiniCLIPRecipe:
     # Probability that a non-plain image's caption names its style (else it reads as plain).
     # Plain-prompt zero-shot accuracy on upside-down images falls as this nears 1, and the
     # 16-shot base linear probe gains more over zero-shot. Measured with
-    # benchmarks/miniclip_recipe.py (2 epochs, pretraining seeds 0 and 1, probe gain as the
-    # mean over few-shot seeds 1-3; 2 CPU threads). The results per value:
-    #   0.95: 73 % and 72 % zero-shot, probe gain 4.5 and 7.7 points (few-shot seed 1 only), top-3 pairs identical
-    #   0.96: 70 % and 68 % zero-shot, probe gain 7.3 and 8.3 points, top-5 pairs share 4
-    #   0.97: 69 % and 65 % zero-shot, probe gain 10.9 and 12.3 points, top-5 pairs share 4
-    #   1.0: 65 % and 50 % zero-shot, so the result depends too much on the seed.
+    # benchmarks/miniclip_recipe.py (2 epochs, pretraining seeds 0 and 1, 2 CPU threads,
+    # probe gain as the mean over few-shot seeds 1-3):
+    #   0.95: zero-shot 73 % and 72 %, probe gain 4.5 and 7.7 points (few-shot seed 1 only).
+    #         The top-3 pairs of both seeds were identical.
+    #   0.96: zero-shot 70 % and 68 %, probe gain 7.3 and 8.3 points. 4 of the top-5 pairs match.
+    #   0.97: zero-shot 69 % and 65 %, probe gain 10.9 and 12.3 points. 4 of the top-5 pairs match.
+    #   1.0: zero-shot 65 % and 50 %, so the result depends too much on the seed.
     style_word_prob: float = 0.96
     attribute_caption_prob: float = 0.3  # probability that a caption adds garment attributes
     # Optimisation

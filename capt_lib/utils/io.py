@@ -29,20 +29,16 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> P
 
 
 def _create_temporary_file(path: Path) -> Path:
-    """Create an empty, uniquely named file beside ``path`` and return its path.
+    """Create an empty file with a random name beside ``path`` and return its path.
 
     Unlike ``tempfile.mkstemp``, which always uses mode 0o600, the file is created with
-    mode 0o666 and the process umask applies, so results stay readable by the group
-    whenever a plain ``open(path, "w")`` would make them so.
+    mode 0o666 and the process umask applies, as for a plain ``open(path, "w")``.
+    O_EXCL makes a name collision (64 random bits) raise FileExistsError rather than
+    reuse another writer's file.
     """
-    for _ in range(100):
-        candidate = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-        try:
-            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            continue
-        return candidate
-    raise FileExistsError(f"could not create a temporary file beside {path}: 100 random names were taken")
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return temporary
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
